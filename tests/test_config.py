@@ -1,0 +1,96 @@
+"""Config merging (defaults < YAML < command line) and the checks that run before any model loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from verl.trainer.config import ConfigError, PPOConfig, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("worker:\n  actor:\n    optim:\n      lr: 0.5\n      weight_decay: 0.25\n")
+    config = load_config([f"config={cfg_file}", "worker.actor.optim.lr=0.125"])
+    assert config.worker.actor.optim.lr == 0.125  # command line wins over the file
+    assert config.worker.actor.optim.weight_decay == 0.25  # file wins over defaults
+    assert config.worker.actor.optim.betas == (0.9, 0.999)  # default kept
+    assert isinstance(config, PPOConfig)
+
+
+def test_derived_fields_follow_their_source():
+    config = load_config(["algorithm.kl_coef=0.5", "algorithm.use_kl_loss=false", "data.max_response_length=33"])
+    assert config.worker.actor.kl_coef == 0.5
+    assert config.worker.actor.use_kl_loss is False
+    assert config.worker.rollout.response_length == 33
+    with pytest.raises(ConfigError, match="worker.actor.kl_coef.*derived"):
+        load_config(["worker.actor.kl_coef=0.1"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["worker.actor.optim.lrr=1"], r"`worker\.actor\.optim\.lrr`.*Did you mean"),
+        (["worker.actor.optim.lr=fast"], r"`worker\.actor\.optim\.lr`.*Float"),
+        (["data.rollout_batch_size=24"], r"`data\.rollout_batch_size`.*multiple of worker\.actor\.global_batch_size"),
+        (
+            ["worker.actor.micro_batch_size_per_device_for_update=7"],
+            r"`worker\.actor\.micro_batch_size_per_device_for_update`.*divide",
+        ),
+        (["worker.actor.loss_agg_mode=mean"], r"`worker\.actor\.loss_agg_mode`"),
+        (["algorithm.kl_penalty=kl2"], r"`algorithm\.kl_penalty`"),
+        (["worker.rollout.n=1"], r"`worker\.rollout\.n`.*group"),
+        (["trainer.logger=[console,mlflow]"], r"`trainer\.logger`.*mlflow"),
+        (["trainer.n_gpus_per_node=2", "trainer.backend=local"], r"`trainer\.backend`"),
+        (["data.format_prompt=/no/such/file.jinja"], r"`data\.format_prompt`.*not found"),
+        (["worker.reward.reward_function=reward.py"], r"`worker\.reward\.reward_function`"),
+        (["oops"], r"key=value"),
+    ],
+)
+def test_bad_config_names_key_and_rule(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+
+
+def test_missing_yaml_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([f"config={tmp_path / 'missing.yaml'}"])
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("trainer:\n  total_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"trainer\.total_epoch.*bad\.yaml"):
+        load_config([f"config={cfg_file}"])
+
+
+def _keys(tree, prefix=""):
+    keys = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key not in ("reward_function_kwargs", "decoupled_weights"):
+            keys |= _keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(prefix + key)
+    return keys
+
+
+def test_reference_yaml_mirrors_dataclasses():
+    reference = yaml.safe_load((ROOT / "examples" / "config.yaml").read_text())
+    derived = {"worker.actor.use_kl_loss", "worker.actor.kl_penalty", "worker.actor.kl_coef",
+               "worker.rollout.prompt_length", "worker.rollout.response_length"}
+    assert _keys(reference) == _keys(to_dict(PPOConfig())) - derived
+    # and it loads as a config file
+    load_config([f"config={ROOT / 'examples' / 'config.yaml'}"])
+
+
+def test_reference_yaml_is_generated_from_the_code():
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "print_reference_config.py")], capture_output=True, text=True, check=True
+    ).stdout
+    assert printed.strip() == (ROOT / "examples" / "config.yaml").read_text().strip(), (
+        "examples/config.yaml is stale: python scripts/print_reference_config.py > examples/config.yaml"
+    )

@@ -1,0 +1,93 @@
+"""Loading policy models, tokenizers and processors from Hugging Face folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """Map a config string (fp32/bf16/fp16) to a torch dtype."""
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """`auto` picks flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if requested == "flash_attention_2" and not (has_flash and device.type == "cuda"):
+        logger.warning("flash_attention_2 requested but flash-attn is not usable here (CUDA + flash-attn); using sdpa")
+        return "sdpa"
+    return requested
+
+
+def is_vision_model(model_path: str) -> bool:
+    """True when the folder holds a vision-language model (its config has a vision_config)."""
+    config = AutoConfig.from_pretrained(model_path)
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_tokenizer_and_processor(
+    path: str, trust_remote_code: bool = False
+) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
+    """The tokenizer (always left-padded) and, for vision models, the multimodal processor."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model/tokenizer folder not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Generation with right padding silently uses wrong positions for padded rows.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    processor = None
+    if is_vision_model(path):
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if not isinstance(processor, ProcessorMixin):
+            raise RuntimeError(
+                f"{path}: AutoProcessor returned {type(processor).__name__}, not a multimodal processor. "
+                "transformers needs torchvision to build Qwen-VL processors; install it (bash setup.sh)."
+            )
+        processor.tokenizer = tokenizer
+    return tokenizer, processor
+
+
+def load_model(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM or image-text-to-text model from a Hugging Face folder."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    auto_cls = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    model = auto_cls.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+    )
+    return model
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The vision encoder (with its merger/projector) of a Qwen-VL model, or None for text models."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "visual", None)

@@ -1,0 +1,102 @@
+"""Entry point: `python -m verl.trainer.main config=FILE key=value ...`.
+
+Merges the config (defaults < YAML < command line), checks it, then builds data, reward function,
+workers and the trainer, and runs `fit()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from verl.trainer.config import ConfigError, PPOConfig, load_config, to_dict
+
+logger = logging.getLogger("verl")
+
+
+def configure_threads(torch_threads: int | None) -> None:
+    """Sane CPU threading: spinning OpenMP threads make small CPU runs erratic."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+
+def build_trainer(config: PPOConfig):
+    """Everything `fit()` needs, built in dependency order; returns the trainer."""
+    from verl.models.loading import load_tokenizer_and_processor
+    from verl.single_controller.local import LocalWorkerGroup
+    from verl.trainer.ppo_trainer import PPOTrainer
+    from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
+    from verl.workers.fsdp_worker import ActorRolloutRefWorker
+    from verl.workers.reward import RewardFunction
+
+    data = config.data
+    reward_cfg = config.worker.reward
+    reward_fn = RewardFunction(reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type)
+
+    world = config.trainer.nnodes * config.trainer.n_gpus_per_node
+    backend = config.trainer.backend
+    if backend == "auto":
+        backend = "ray" if world > 1 else "local"
+    if backend == "ray":
+        raise ConfigError("config key `trainer.backend`: the ray backend is not available in this build; use local")
+
+    # The driver tokenizes data itself; workers load their own copy of the same files.
+    model_cfg = config.worker.actor.model
+    tokenizer, processor = load_tokenizer_and_processor(
+        model_cfg.tokenizer_path or model_cfg.model_path, model_cfg.trust_remote_code
+    )
+    dataset_cfg = PromptDatasetConfig(
+        prompt_key=data.prompt_key,
+        answer_key=data.answer_key,
+        image_key=data.image_key,
+        image_dir=data.image_dir,
+        format_prompt=data.format_prompt,
+        override_chat_template=data.override_chat_template,
+        max_prompt_length=data.max_prompt_length,
+        min_pixels=data.min_pixels,
+        max_pixels=data.max_pixels,
+        filter_overlong_prompts=data.filter_overlong_prompts,
+        skip_bad_samples=data.skip_bad_samples,
+    )
+    train_set = PromptDataset(data.train_files, tokenizer, processor, dataset_cfg)
+    train_loader = PromptLoader(train_set, data.rollout_batch_size, data.shuffle, data.seed, tokenizer.pad_token_id)
+    val_loader = None
+    if data.val_files:
+        val_set = PromptDataset(data.val_files, tokenizer, processor, dataset_cfg)
+        val_batch = len(val_set) if data.val_batch_size <= 0 else data.val_batch_size
+        val_loader = PromptLoader(val_set, val_batch, False, data.seed, tokenizer.pad_token_id, drop_last=False)
+
+    total_steps = len(train_loader) * config.trainer.total_epochs
+    if config.trainer.max_steps is not None:
+        total_steps = min(total_steps, config.trainer.max_steps)
+    config.worker.actor.optim.training_steps = total_steps  # the lr schedule's length
+
+    worker = ActorRolloutRefWorker(
+        config.worker, device=config.trainer.device, need_ref=not config.algorithm.disable_kl, seed=config.trainer.seed
+    )
+    worker_group = LocalWorkerGroup(worker)
+    logger.info("model parameters: %s", worker_group.init_model())
+    return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_threads(config.trainer.torch_threads)
+    logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
+    trainer = build_trainer(config)
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""The controller's training loop: rollout -> self-reward -> reward -> log-probs -> advantages -> update.
+
+`fit()` reads top to bottom, one timer per stage. Workers are reached only through a worker group
+(in-process or Ray), so this file is the same for every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from verl.protocol import DataProto
+from verl.trainer import core_algos
+from verl.trainer.config import PPOConfig, to_dict
+from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics
+from verl.trainer.self_reward import SelfRewardStage
+from verl.utils.checkpoint import latest_checkpoint, remove_old_checkpoints, save_atomically
+from verl.utils.dataset import PromptLoader
+from verl.utils.timer import timer
+from verl.utils.tracking import Tracker
+from verl.workers.reward import RewardFunction, aggregate_reward_metrics
+from verl.workers.rollout.base import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class PPOTrainer:
+    def __init__(
+        self,
+        config: PPOConfig,
+        tokenizer: Any,
+        worker_group: Any,
+        train_loader: PromptLoader,
+        val_loader: PromptLoader | None,
+        reward_fn: RewardFunction,
+        val_reward_fn: RewardFunction | None = None,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.wg = worker_group
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.reward_fn = reward_fn
+        self.val_reward_fn = val_reward_fn or reward_fn
+        self.self_reward = SelfRewardStage(config.self_reward, tokenizer, reward_fn.needs_description_answers)
+        algo = config.algorithm
+        self.use_reference = not algo.disable_kl
+        self.kl_ctrl = core_algos.get_kl_controller(algo.kl_type, algo.kl_coef, algo.kl_target, algo.kl_horizon)
+        self.checkpoint_root = config.trainer.save_checkpoint_path
+        self.global_step = 0
+        epochs_steps = len(train_loader) * config.trainer.total_epochs
+        max_steps = config.trainer.max_steps
+        self.total_steps = min(epochs_steps, max_steps) if max_steps is not None else epochs_steps
+
+    # ================================================================ the loop
+    def fit(self) -> dict[str, float]:
+        """Train to `total_steps`, resuming from the latest checkpoint; returns the last step's metrics."""
+        cfg = self.config.trainer
+        self._resume()
+        self.tracker = Tracker(
+            cfg.logger,
+            cfg.project_name,
+            cfg.experiment_name,
+            to_dict(self.config),
+            self.checkpoint_root,
+            resume=self.global_step > 0,
+        )
+        if cfg.val_only:
+            metrics = self.validate(write_generations=True)
+            self.tracker.log(metrics, step=self.global_step)
+            self.tracker.finish()
+            return metrics
+        if cfg.val_before_train and self.global_step == 0 and self.val_loader is not None:
+            self.tracker.log(self.validate(), step=0)
+
+        metrics: dict[str, float] = {}
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO", disable=None)
+        self._prompt_batches = self._endless_prompt_batches()
+        while self.global_step < self.total_steps:
+            prompts = next(self._prompt_batches)
+            self.global_step += 1
+            metrics, timings = {}, {}
+            with timer("step", timings):
+                batch, rollout_metrics = self._rollout_and_score(prompts, timings)
+                metrics.update(rollout_metrics)
+
+                with timer("old_log_prob", timings):
+                    batch = batch.union(self.wg.compute_log_probs(batch))
+
+                if self.use_reference:
+                    with timer("ref", timings):
+                        batch = batch.union(self.wg.compute_ref_log_probs(batch))
+
+                with timer("adv", timings):
+                    batch, adv_metrics = self._compute_advantages(batch)
+                    metrics.update(adv_metrics)
+
+                with timer("update_actor", timings):
+                    metrics.update(self.wg.update_actor(batch).meta_info["metrics"])
+
+                is_last = self.global_step >= self.total_steps
+                if self.val_loader is not None and (
+                    (cfg.val_freq > 0 and self.global_step % cfg.val_freq == 0) or is_last
+                ):
+                    with timer("validation", timings):
+                        metrics.update(self.validate())
+
+                if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
+                    with timer("save_checkpoint", timings):
+                        self.save_checkpoint()
+
+            metrics.update(compute_data_metrics(batch))
+            metrics.update(compute_throughput_metrics(batch, timings))
+            self.tracker.log(metrics, step=self.global_step)
+            progress.update(1)
+        progress.close()
+        self.tracker.finish()
+        return metrics
+
+    # ================================================================ stages
+    def _endless_prompt_batches(self) -> Iterator[DataProto]:
+        """Epoch after epoch; the loader's own state says where a resumed run continues."""
+        while True:
+            yield from self.train_loader
+
+    def _sampling(self, validation: bool = False) -> SamplingParams:
+        rollout = self.config.worker.rollout
+        seed = rollout.seed * 1_000_003 + self.global_step  # reproducible per step, also after resume
+        if validation:
+            return SamplingParams(
+                n=rollout.val_n,
+                temperature=rollout.val_temperature,
+                top_p=rollout.val_top_p,
+                top_k=-1,
+                max_new_tokens=self.config.data.max_response_length,
+                seed=seed,
+            )
+        return SamplingParams(
+            n=rollout.n,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            max_new_tokens=self.config.data.max_response_length,
+            seed=seed,
+        )
+
+    def _generate(self, prompts: DataProto, sampling: SamplingParams) -> DataProto:
+        prompts.meta_info["sampling"] = sampling
+        return self.wg.generate_sequences(prompts)
+
+    def _rollout_and_score(self, prompts: DataProto, timings: dict[str, float]) -> tuple[DataProto, dict[str, float]]:
+        """Rollout, self-reward and reward for one prompt batch; with dynamic sampling, refill
+        uninformative groups from further batches (at most `algorithm.max_refills` times)."""
+        algo = self.config.algorithm
+        target_prompts = len(prompts)
+        kept: list[DataProto] = []
+        metrics: dict[str, float] = {}
+        refills = 0
+        while True:
+            batch, step_metrics = self._score_prompts(prompts, timings)
+            if not kept:
+                metrics.update(step_metrics)
+            if not algo.online_filtering:
+                return batch, metrics
+            scores = np.array([s[algo.filter_key] for s in batch.non_tensor_batch["reward_scores"]], dtype=float)
+            mask = core_algos.informative_groups(scores, batch.non_tensor_batch["uid"])
+            kept.append(batch[mask])
+            kept_prompts = sum(len(b) for b in kept) // self.config.worker.rollout.n
+            if kept_prompts >= target_prompts or refills >= algo.max_refills:
+                break
+            refills += 1
+            prompts = next(self._prompt_batches)
+        batch = DataProto.concat(kept)
+        batch = batch[: target_prompts * self.config.worker.rollout.n]
+        metrics["dynamic_sampling/refills"] = float(refills)
+        metrics["dynamic_sampling/kept_prompts"] = float(len(batch) // self.config.worker.rollout.n)
+        if len(batch) == 0:
+            raise RuntimeError(
+                f"dynamic sampling kept no group after {refills} refills: every group's "
+                f"`{algo.filter_key}` rewards were identical (raise algorithm.max_refills or turn online_filtering off)"
+            )
+        return batch, metrics
+
+    def _score_prompts(self, prompts: DataProto, timings: dict[str, float]) -> tuple[DataProto, dict[str, float]]:
+        prompts.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(prompts))], dtype=object)
+        sampling = self._sampling()
+        with timer("gen", timings):
+            batch = self._generate(prompts, sampling)
+        batch.meta_info["temperature"] = sampling.temperature
+        batch.non_tensor_batch["response_text"] = np.array(self._decode(batch), dtype=object)
+
+        metrics: dict[str, float] = {}
+        if self.self_reward.active:
+            with timer("self_reward", timings):
+                metrics.update(self._run_self_reward(batch, sampling))
+
+        with timer("reward", timings):
+            scores = self._score(batch, self.reward_fn)
+            batch.non_tensor_batch["reward_scores"] = np.array(scores, dtype=object)
+            batch.batch["token_level_scores"] = _token_level(scores, batch.batch["response_mask"])
+            metrics.update(aggregate_reward_metrics(scores))
+            if self.config.algorithm.adv_estimator == "remax":
+                batch.batch["reward_baselines"] = self._greedy_baselines(prompts, timings)
+        return batch, metrics
+
+    def _run_self_reward(self, batch: DataProto, sampling: SamplingParams) -> dict[str, float]:
+        result = self.self_reward.run(
+            responses=list(batch.non_tensor_batch["response_text"]),
+            questions=list(batch.non_tensor_batch["question"]),
+            ground_truths=list(batch.non_tensor_batch["ground_truth"]),
+            generate=self.wg.generate_sequences,
+            rollout_sampling=sampling,
+        )
+        batch.non_tensor_batch["description"] = np.array(result.descriptions, dtype=object)
+        answers = np.empty(len(result.answers), dtype=object)
+        answers[:] = result.answers
+        batch.non_tensor_batch["description_answers"] = answers
+        return result.metrics
+
+    def _greedy_baselines(self, prompts: DataProto, timings: dict[str, float]) -> torch.Tensor:
+        """ReMax baseline: the reward of each prompt's greedy response, repeated over its group."""
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.config.data.max_response_length)
+        with timer("gen_greedy", timings):
+            baseline_batch = self._generate(prompts, greedy)
+        baseline_batch.non_tensor_batch["response_text"] = np.array(self._decode(baseline_batch), dtype=object)
+        scores = self._score(baseline_batch, self.reward_fn)
+        overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+        return overall.repeat_interleave(self.config.worker.rollout.n)
+
+    def _decode(self, batch: DataProto) -> list[str]:
+        responses = batch.batch["responses"].masked_fill(batch.batch["response_mask"] == 0, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(
+            responses, skip_special_tokens=self.config.worker.reward.skip_special_tokens
+        )
+
+    def _score(self, batch: DataProto, reward_fn: RewardFunction) -> list[dict[str, float]]:
+        nt = batch.non_tensor_batch
+        answers = nt.get("description_answers")
+        lengths = batch.batch["response_mask"].sum(-1).tolist()
+        samples = [
+            {
+                "response": nt["response_text"][i],
+                "response_length": int(lengths[i]),
+                "ground_truth": nt["ground_truth"][i],
+                "question": nt["question"][i],
+                "description_answers": answers[i] if answers is not None else None,
+                "extra": nt["extra"][i],
+            }
+            for i in range(len(batch))
+        ]
+        return reward_fn(samples)
+
+    def _compute_advantages(self, batch: DataProto) -> tuple[DataProto, dict[str, float]]:
+        algo = self.config.algorithm
+        metrics: dict[str, float] = {}
+        response_mask = batch.batch["response_mask"]
+        if self.use_reference and not algo.use_kl_loss:
+            rewards, mean_kl = core_algos.apply_kl_penalty(
+                batch.batch["token_level_scores"],
+                batch.batch["old_log_probs"],
+                batch.batch["ref_log_probs"],
+                response_mask,
+                self.kl_ctrl.value,
+                algo.kl_penalty,
+            )
+            metrics.update({"actor/reward_kl_penalty": mean_kl, "actor/reward_kl_coef": self.kl_ctrl.value})
+            self.kl_ctrl.update(mean_kl, n_steps=len(batch))
+            batch.batch["token_level_rewards"] = rewards
+        else:
+            batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
+        index = batch.non_tensor_batch["uid"]
+        if algo.advantage_mode == "decoupled":
+            components = {
+                name: torch.tensor([s[name] for s in batch.non_tensor_batch["reward_scores"]], dtype=torch.float32)
+                for name in algo.decoupled_weights
+                if name in batch.non_tensor_batch["reward_scores"][0]
+            }
+            advantages = core_algos.compute_decoupled_advantages(
+                components, dict(algo.decoupled_weights), response_mask, index, algo.norm_adv_by_std_in_grpo
+            )
+            returns = advantages
+        else:
+            estimator = core_algos.get_adv_estimator(
+                "dr_grpo" if algo.adv_estimator == "grpo" and not algo.norm_adv_by_std_in_grpo else algo.adv_estimator
+            )
+            advantages, returns = estimator(
+                token_level_rewards=batch.batch["token_level_rewards"],
+                response_mask=response_mask,
+                index=index,
+                gamma=algo.gamma,
+                reward_baselines=batch.batch.get("reward_baselines"),
+            )
+        batch.batch["advantages"] = advantages
+        batch.batch["returns"] = returns
+        batch.meta_info["mini_batch_size"] = self.config.worker.actor.global_batch_size * self.config.worker.rollout.n
+        return batch, metrics
+
+    # ================================================================ validation
+    def validate(self, write_generations: bool = False) -> dict[str, float]:
+        """Greedy (by default) generation on the validation set; metrics are `val/...`."""
+        assert self.val_loader is not None
+        sampling = self._sampling(validation=True)
+        all_scores: list[dict[str, float]] = []
+        rows: list[dict[str, Any]] = []
+        stage_metrics: dict[str, list[float]] = defaultdict(list)
+        loader = self.val_loader
+        loader.epoch, loader.batches_done = 0, 0
+        for prompts in loader:
+            batch = self._generate(prompts, sampling)
+            batch.non_tensor_batch["response_text"] = np.array(self._decode(batch), dtype=object)
+            if self.self_reward.active and self.config.self_reward.during_validation:
+                for key, value in self._run_self_reward(batch, sampling).items():
+                    stage_metrics[key].append(value)
+            scores = self._score(batch, self.val_reward_fn)
+            all_scores.extend(scores)
+            nt = batch.non_tensor_batch
+            for i, score in enumerate(scores):
+                rows.append(
+                    {
+                        "question": nt["question"][i],
+                        "response": nt["response_text"][i],
+                        "ground_truth": nt["ground_truth"][i],
+                        "description_answers": nt["description_answers"][i] if "description_answers" in nt else None,
+                        "score": score,
+                    }
+                )
+        loader.epoch, loader.batches_done = 0, 0
+        metrics = {f"val/{k}": v for k, v in aggregate_reward_metrics(all_scores).items()}
+        metrics.update({f"val/{k}": float(np.mean(v)) for k, v in stage_metrics.items()})
+        self.tracker.log_generations(rows[: self.config.trainer.val_generations_to_log], step=self.global_step)
+        if write_generations:
+            os.makedirs(self.checkpoint_root, exist_ok=True)
+            path = os.path.join(self.checkpoint_root, f"generations_step_{self.global_step}.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            logger.info("wrote %d validation generations to %s", len(rows), path)
+        return metrics
+
+    # ================================================================ checkpoints
+    def save_checkpoint(self) -> str:
+        def write(folder: str) -> None:
+            self.wg.save_checkpoint(os.path.join(folder, "actor"))
+            state = {
+                "global_step": self.global_step,
+                "dataloader": self.train_loader.state_dict(),
+                "kl_coef": self.kl_ctrl.value,
+            }
+            with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=2)
+
+        path = save_atomically(self.checkpoint_root, self.global_step, write)
+        for removed in remove_old_checkpoints(self.checkpoint_root, self.config.trainer.save_limit):
+            logger.info("removed old checkpoint %s", removed)
+        return path
+
+    def _resume(self) -> None:
+        cfg = self.config.trainer
+        path = cfg.load_checkpoint_path
+        if path is None and cfg.find_last_checkpoint:
+            path = latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            return
+        state_file = os.path.join(path, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"trainer.load_checkpoint_path={path}: no trainer_state.json (incomplete checkpoint?)")
+        with open(state_file) as f:
+            state = json.load(f)
+        self.wg.load_checkpoint(os.path.join(path, "actor"))
+        self.train_loader.load_state_dict(state["dataloader"])
+        self.kl_ctrl.value = state["kl_coef"]
+        self.global_step = state["global_step"]
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def _token_level(scores: list[dict[str, float]], response_mask: torch.Tensor) -> torch.Tensor:
+    """The overall reward placed on each response's last valid token."""
+    token_scores = torch.zeros(response_mask.shape, dtype=torch.float32)
+    last = (response_mask.sum(-1) - 1).clamp(min=0)
+    token_scores[torch.arange(len(scores)), last] = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+    return token_scores

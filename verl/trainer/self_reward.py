@@ -1,0 +1,154 @@
+"""The self-reward (perception re-prompt) stage of Vision-SR1.
+
+After the first rollout, each response's `<description>` is handed back to the same policy, text
+only: "here is a description of an image and a question; answer from the description alone". The
+answers (`description_answers`, aligned with their responses) let the reward function credit
+descriptions that carry enough visual information. No gradient flows through this stage.
+
+A response without a description gets no second pass and `description_answers=None`: passing the
+whole response instead would leak its final answer into the visual reward.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jinja2 import Template
+from transformers import PreTrainedTokenizerBase
+
+from verl.protocol import DataProto
+from verl.trainer.config import SelfRewardConfig
+from verl.workers.rollout.base import SamplingParams
+
+
+def description_pattern(config: SelfRewardConfig) -> re.Pattern[str]:
+    if config.description_regex is not None:
+        pattern = re.compile(config.description_regex, re.DOTALL)
+        if pattern.groups != 1:
+            raise ValueError("self_reward.description_regex must have exactly one capturing group")
+        return pattern
+    tag = re.escape(config.description_tag)
+    return re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL)
+
+
+def states_answer(description: str, answer: str) -> bool:
+    """True when `answer` appears in the description as a standalone word or number."""
+    answer = answer.strip()
+    if not answer:
+        return False
+    return re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w.])", description, re.IGNORECASE) is not None
+
+
+@dataclass
+class SelfRewardResult:
+    descriptions: list[str | None]
+    answers: list[list[str] | None]
+    metrics: dict[str, float]
+
+
+class SelfRewardStage:
+    """Builds text-only perception prompts from descriptions and collects the policy's answers."""
+
+    def __init__(
+        self,
+        config: SelfRewardConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        reward_needs_it: bool,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.active = config.enable == "true" or (config.enable == "auto" and reward_needs_it)
+        self.pattern = description_pattern(config)
+        self.template: Template | None = None
+        if self.active:
+            if not os.path.isfile(config.prompt_template):
+                raise FileNotFoundError(f"self_reward.prompt_template: file not found: {config.prompt_template}")
+            with open(config.prompt_template, encoding="utf-8") as f:
+                self.template = Template(f.read().strip())
+
+    def extract_description(self, response: str) -> str | None:
+        match = self.pattern.search(response)
+        if match is None:
+            return None
+        description = match.group(1).strip()
+        return description or None
+
+    def build_prompt_ids(self, description: str, question: str) -> list[int]:
+        """Token ids of the chat-formatted text-only prompt (no image tokens)."""
+        assert self.template is not None
+        user_text = self.template.render(description=description, question=question)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sampling(self, rollout: SamplingParams) -> SamplingParams:
+        cfg = self.config
+        return SamplingParams(
+            n=cfg.n,
+            temperature=rollout.temperature if cfg.temperature is None else cfg.temperature,
+            top_p=rollout.top_p if cfg.top_p is None else cfg.top_p,
+            top_k=rollout.top_k,
+            max_new_tokens=cfg.max_response_length or rollout.max_new_tokens,
+            seed=rollout.seed + 7919,  # a stream of its own, still reproducible per step
+        )
+
+    def run(
+        self,
+        responses: list[str],
+        questions: list[str],
+        ground_truths: list[str],
+        generate: Callable[[DataProto], DataProto],
+        rollout_sampling: SamplingParams,
+    ) -> SelfRewardResult:
+        """Second pass for every response that has a description; answers aligned with `responses`."""
+        descriptions = [self.extract_description(r) for r in responses]
+        eligible = []
+        denied = 0
+        for index, description in enumerate(descriptions):
+            if description is None:
+                continue
+            if self.config.deny_answer_leak and states_answer(description, ground_truths[index]):
+                denied += 1
+                continue
+            eligible.append(index)
+        answers: list[list[str] | None] = [None] * len(responses)
+        sampling = self.sampling(rollout_sampling)
+        if eligible:
+            prompt_ids = [self.build_prompt_ids(descriptions[i], questions[i]) for i in eligible]
+            prompts = left_padded_prompts(prompt_ids, self.tokenizer.pad_token_id)
+            prompts.meta_info["sampling"] = sampling
+            output = generate(prompts)
+            texts = self.tokenizer.batch_decode(
+                output.batch["responses"].masked_fill(output.batch["response_mask"] == 0, self.tokenizer.pad_token_id),
+                skip_special_tokens=True,
+            )
+            for position, index in enumerate(eligible):
+                answers[index] = texts[position * sampling.n : (position + 1) * sampling.n]
+        metrics = {
+            "self_reward/description_rate": float(np.mean([d is not None for d in descriptions])) if responses else 0.0,
+            "self_reward/second_pass_prompts": float(len(eligible)),
+            "self_reward/leak_denied": float(denied),
+        }
+        return SelfRewardResult(descriptions=descriptions, answers=answers, metrics=metrics)
+
+
+def left_padded_prompts(prompt_ids: list[list[int]], pad_token_id: int) -> DataProto:
+    """Text-only prompts in the layout rollout engines take (left padding, no images)."""
+    length = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    empty: list[dict[str, Any]] = [{} for _ in prompt_ids]
+    return DataProto.from_dict(
+        tensors={"input_ids": input_ids, "attention_mask": attention_mask},
+        non_tensors={"multi_modal_inputs": empty, "multi_modal_data": [{} for _ in prompt_ids]},
+    )

@@ -1,0 +1,344 @@
+"""Prompt datasets for RL: loading rows, building chat prompts with images, filtering, collating.
+
+Rows follow the Vision-SR1 / EasyR1 schema: a prompt column whose text holds one `<image>`
+placeholder per image, an answer column and an optional list of images. Text-only, single-image and
+multi-image rows may be mixed in one dataset (math12k, geometry3k, journeybench-multi-image-vqa).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from jinja2 import Template
+from PIL import Image
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+from verl.protocol import DataProto
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+DATA_FILE_TYPES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+
+
+class DataError(ValueError):
+    """A data file, row or column is unusable; the message names which."""
+
+
+def resolve_data_files(spec: str) -> tuple[str, dict[str, Any]]:
+    """Turn `file`, `folder` or `name@split` into arguments for `datasets.load_dataset`."""
+    if os.path.isdir(spec):
+        files = sorted(f for f in glob.glob(os.path.join(spec, "*")) if os.path.splitext(f)[1] in DATA_FILE_TYPES)
+        if not files:
+            raise DataError(f"data folder {spec} holds no .parquet/.json/.jsonl files")
+        kinds = {DATA_FILE_TYPES[os.path.splitext(f)[1]] for f in files}
+        if len(kinds) > 1:
+            raise DataError(f"data folder {spec} mixes file types {sorted(kinds)}; keep one type per folder")
+        return kinds.pop(), {"data_files": files, "split": "train"}
+    ext = os.path.splitext(spec)[1]
+    if ext in DATA_FILE_TYPES:
+        if not os.path.isfile(spec):
+            raise DataError(f"data file not found: {spec}")
+        return DATA_FILE_TYPES[ext], {"data_files": spec, "split": "train"}
+    if "@" in spec:
+        name, split = spec.rsplit("@", 1)
+        return name, {"split": split}
+    raise DataError(f"data spec {spec!r}: expected a .parquet/.json/.jsonl file, a folder of them, or name@split")
+
+
+def load_rows(spec: str) -> datasets.Dataset:
+    path, kwargs = resolve_data_files(spec)
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as exc:  # datasets raises many types; keep the cause, name the spec
+        raise DataError(f"could not load data {spec!r}: {exc}") from exc
+
+
+def open_image(value: Any, image_dir: str | None) -> Image.Image:
+    """Open an image given as PIL image, bytes, a path, or a `{"bytes"|"path": ...}` dict."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) or image_dir is None else os.path.join(image_dir, value)
+        return Image.open(path)
+    raise TypeError(f"unsupported image value of type {type(value).__name__}")
+
+
+def resize_within(image: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
+    """RGB image scaled (aspect kept) so that its pixel count lies within [min_pixels, max_pixels]."""
+    image.load()
+    pixels = image.width * image.height
+    scale = 1.0
+    if max_pixels is not None and pixels > max_pixels:
+        scale = math.sqrt(max_pixels / pixels)
+    elif min_pixels is not None and pixels < min_pixels:
+        scale = math.sqrt(min_pixels / pixels)
+    if scale != 1.0:
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def strip_placeholders(text: str) -> str:
+    """The question's raw text without image placeholders (what a text-only re-prompt shows)."""
+    return " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
+
+
+def build_messages(prompt: str, num_images: int) -> list[dict[str, Any]]:
+    """A one-turn chat whose user content places images where `<image>` stood."""
+    if num_images == 0:
+        return [{"role": "user", "content": prompt}]
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:  # no placeholder: images go first, as most VQA sets expect
+        pieces = ["", prompt]
+        placeholder_count = 1 if num_images == 1 else 0
+    else:
+        placeholder_count = len(pieces) - 1
+    if placeholder_count != num_images:
+        raise DataError(f"{placeholder_count} `<image>` placeholders but {num_images} images")
+    content: list[dict[str, Any]] = []
+    for index, piece in enumerate(pieces):
+        if index > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": content}]
+
+
+@dataclass
+class PromptDatasetConfig:
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    image_dir: str | None = None
+    format_prompt: str | None = None
+    override_chat_template: str | None = None
+    max_prompt_length: int = 512
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    filter_overlong_prompts: bool = True
+    skip_bad_samples: bool = False
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """RL prompts: each item holds the tokenized chat prompt, its images and the ground truth."""
+
+    def __init__(
+        self,
+        data_spec: str,
+        tokenizer: PreTrainedTokenizerBase,
+        processor: ProcessorMixin | None,
+        config: PromptDatasetConfig,
+    ) -> None:
+        self.spec = data_spec
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.config = config
+        self.format_template = None
+        if config.format_prompt is not None:
+            if not os.path.isfile(config.format_prompt):
+                raise DataError(f"format prompt file not found: {config.format_prompt}")
+            with open(config.format_prompt, encoding="utf-8") as f:
+                self.format_template = Template(f.read().strip())
+        self.chat_template = None
+        if config.override_chat_template is not None:
+            with open(config.override_chat_template, encoding="utf-8") as f:
+                self.chat_template = f.read()
+        rows = load_rows(data_spec)
+        for key in (config.prompt_key, config.answer_key):
+            if key not in rows.column_names:
+                raise DataError(f"{data_spec}: column {key!r} not found (columns: {rows.column_names})")
+        self.rows = rows
+        self.has_images = config.image_key in rows.column_names
+        self.indices, self.num_filtered, self.num_bad = self._scan()
+        if self.num_filtered:
+            logger.warning(
+                "%s: filtered %d prompts longer than max_prompt_length=%d",
+                data_spec,
+                self.num_filtered,
+                config.max_prompt_length,
+            )
+        if self.num_bad:
+            logger.warning("%s: skipped %d rows with missing or corrupt images", data_spec, self.num_bad)
+        if not self.indices:
+            raise DataError(f"{data_spec}: no usable rows left after filtering")
+
+    # --- building one prompt -------------------------------------------------------------
+    def _images(self, row_index: int, row: dict[str, Any]) -> list[Image.Image]:
+        values = row.get(self.config.image_key) if self.has_images else None
+        if not values:
+            return []
+        if self.processor is None:
+            raise DataError(f"{self.spec} row {row_index}: has images but the model is text-only")
+        images = []
+        for value in values:
+            try:
+                image = open_image(value, self.config.image_dir)
+                images.append(resize_within(image, self.config.min_pixels, self.config.max_pixels))
+            except (OSError, TypeError, ValueError) as exc:
+                raise DataError(f"{self.spec} row {row_index}: bad image ({exc})") from exc
+        return images
+
+    def _prompt_text(self, row_index: int, row: dict[str, Any], num_images: int) -> str:
+        question = str(row[self.config.prompt_key])
+        if self.format_template is not None:
+            question = self.format_template.render(content=question)
+        try:
+            messages = build_messages(question, num_images)
+        except DataError as exc:
+            raise DataError(f"{self.spec} row {row_index}: {exc}") from None
+        template_owner = self.processor if self.processor is not None else self.tokenizer
+        return template_owner.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
+        )
+
+    def _image_token_count(self, image: Image.Image) -> int:
+        image_processor = self.processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        size = image_processor.size
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        height, width = smart_resize(
+            image.height, image.width, factor, size["shortest_edge"], size["longest_edge"]
+        )
+        return (height // factor) * (width // factor)
+
+    def _scan(self) -> tuple[list[int], int, int]:
+        """Find the usable rows: images readable, prompt (image tokens included) short enough."""
+        keep, filtered, bad = [], 0, 0
+        for index in range(len(self.rows)):
+            row = self.rows[index]
+            try:
+                images = self._images(index, row)
+                text = self._prompt_text(index, row, len(images))
+            except DataError:
+                if not self.config.skip_bad_samples:
+                    raise
+                bad += 1
+                continue
+            length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            # The chat template holds one placeholder per image; the processor expands it.
+            length += sum(self._image_token_count(image) - 1 for image in images)
+            if length > self.config.max_prompt_length:
+                if not self.config.filter_overlong_prompts:
+                    raise DataError(
+                        f"{self.spec} row {index}: prompt has {length} tokens > max_prompt_length="
+                        f"{self.config.max_prompt_length} (set data.filter_overlong_prompts=true to drop such rows)"
+                    )
+                filtered += 1
+                continue
+            keep.append(index)
+        return keep, filtered, bad
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        index = self.indices[item]
+        row = self.rows[index]
+        images = self._images(index, row)
+        text = self._prompt_text(index, row, len(images))
+        if images:
+            inputs = self.processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt")
+            multi_modal_inputs = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+        else:
+            inputs = self.tokenizer([text], add_special_tokens=False, return_tensors="pt")
+            multi_modal_inputs = {}
+        prompt_ids = inputs["input_ids"][0]
+        question = str(row[self.config.prompt_key])
+        extra = {
+            k: v
+            for k, v in row.items()
+            if k not in (self.config.prompt_key, self.config.answer_key, self.config.image_key)
+        }
+        return {
+            "prompt_ids": prompt_ids,
+            "multi_modal_inputs": multi_modal_inputs,
+            "multi_modal_data": {"images": images} if images else {},
+            "ground_truth": str(row[self.config.answer_key]),
+            "question": strip_placeholders(question),
+            "extra": extra,
+            "row_index": index,
+        }
+
+
+def collate_prompts(items: list[dict[str, Any]], pad_token_id: int) -> DataProto:
+    """Left-pad prompts to the longest in the batch and pack everything into a DataProto."""
+    max_len = max(len(item["prompt_ids"]) for item in items)
+    input_ids = torch.full((len(items), max_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), max_len), dtype=torch.long)
+    for row, item in enumerate(items):
+        ids = item["prompt_ids"]
+        input_ids[row, max_len - len(ids) :] = ids
+        attention_mask[row, max_len - len(ids) :] = 1
+    non_tensors = {
+        key: [item[key] for item in items]
+        for key in ("multi_modal_inputs", "multi_modal_data", "ground_truth", "question", "extra", "row_index")
+    }
+    return DataProto.from_dict(
+        tensors={"input_ids": input_ids, "attention_mask": attention_mask}, non_tensors=non_tensors
+    )
+
+
+class PromptLoader:
+    """Batches of prompts in a seeded order, resumable exactly where it stopped.
+
+    The order of epoch `e` is a permutation seeded by (seed, e); the state is (epoch, batches
+    consumed), so a resumed run sees exactly the samples the interrupted one had not seen.
+    """
+
+    def __init__(
+        self, dataset: PromptDataset, batch_size: int, shuffle: bool, seed: int, pad_token_id: int, drop_last: bool = True
+    ) -> None:
+        if batch_size > len(dataset) and drop_last:
+            raise DataError(f"{dataset.spec}: batch size {batch_size} exceeds the {len(dataset)} usable rows")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.batches_done = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.dataset))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def __iter__(self):
+        """Yield the remaining batches of the current epoch, then move to the next epoch."""
+        order = self._order(self.epoch)
+        while self.batches_done < len(self):
+            start = self.batches_done * self.batch_size
+            indices = order[start : start + self.batch_size]
+            batch = collate_prompts([self.dataset[int(i)] for i in indices], self.pad_token_id)
+            self.batches_done += 1
+            yield batch
+        self.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
+        self.seed = state["seed"]

@@ -1,0 +1,190 @@
+"""The policy: response log-probs and the PPO/GRPO update, with micro-batches and gradient accumulation.
+
+The same code runs on one process and under FSDP (each rank updating its share of the batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
+from verl.protocol import DataProto
+from verl.trainer import core_algos
+from verl.trainer.config import ActorConfig
+
+
+def forward_response_logits(
+    model: torch.nn.Module, micro: DataProto, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (b, T, V) predicting each response token, scaled by the sampling temperature, and the tokens."""
+    responses = micro.batch["responses"]
+    response_length = responses.shape[1]
+    position_ids = micro.batch["position_ids"]
+    if position_ids.dim() == 3:  # stored (b, 3, L); Qwen-VL expects (3, b, L)
+        position_ids = position_ids.transpose(0, 1)
+    device = next(model.parameters()).device
+    multimodal = {k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()}
+    reset_rope_cache(model)
+    output = model(
+        input_ids=micro.batch["input_ids"].to(device),
+        attention_mask=micro.batch["attention_mask"].to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+        logits_to_keep=response_length + 1,
+        **multimodal,
+    )
+    logits = output.logits[:, :-1, :].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return logits, responses.to(device)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _sum_across_ranks(value: float) -> float:
+    if dist.is_available() and dist.is_initialized():
+        tensor = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+    return value
+
+
+ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss")
+
+
+def _data_parallel_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class DataParallelActor:
+    """Computes log-probs and updates the policy; `model` may be a plain module or FSDP-sharded."""
+
+    def __init__(
+        self,
+        config: ActorConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        ref_model: torch.nn.Module | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.optimizer = optimizer
+        # Only the `full` KL estimator needs the reference model inside the update (full distributions).
+        self.ref_model = ref_model
+        self.policy_loss = core_algos.get_policy_loss("ppo")
+
+    @torch.no_grad()
+    def compute_log_probs(
+        self, data: DataProto, temperature: float, micro_batch_size: int, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        was_training = self.model.training
+        self.model.eval()
+        log_probs, entropies = [], []
+        try:
+            for micro in data.split(micro_batch_size):
+                logits, tokens = forward_response_logits(self.model, micro, temperature)
+                log_probs.append(token_log_probs(logits, tokens).cpu())
+                if with_entropy:
+                    entropies.append(core_algos.entropy_from_logits(logits).cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(log_probs), (torch.cat(entropies) if with_entropy else None)
+
+    def update_policy(self, data: DataProto, temperature: float, mini_batch_size: int) -> dict[str, Any]:
+        """PPO epochs over mini-batches of `mini_batch_size` responses; one optimizer step per mini-batch."""
+        if self.optimizer is None:
+            raise RuntimeError("update_policy needs an optimizer (this worker has no actor role)")
+        cfg = self.config
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        response_length = data.batch["responses"].shape[1]
+        for _ in range(cfg.ppo_epochs):
+            for mini in data.split(mini_batch_size):
+                mask = mini.batch["response_mask"]
+                # Normalise by the whole mini-batch (over all ranks) so accumulation equals one big batch.
+                global_tokens = _sum_across_ranks(float(mask.sum()))
+                global_seqs = _sum_across_ranks(float(len(mini)))
+                agg = {"global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": response_length}
+                self.optimizer.zero_grad(set_to_none=True)
+                mini_metrics: dict[str, list[float]] = defaultdict(list)
+                for micro in mini.split(cfg.micro_batch_size_per_device_for_update):
+                    for key, value in self._accumulate_micro_batch(micro, temperature, agg).items():
+                        mini_metrics[key].append(value)
+                for key, values in mini_metrics.items():
+                    # Losses are already normalised by the mini-batch's global counts: their
+                    # micro-batch parts add up. Other metrics are averaged.
+                    summed = key in ADDITIVE_METRICS
+                    metrics[key].append(sum(values) if summed else sum(values) / len(values))
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
+                grad_norm = float(grad_norm)
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    metrics["actor/skipped_steps"].append(0.0)
+                else:
+                    # A non-finite norm means a broken batch: skip it rather than corrupt the weights.
+                    metrics["actor/skipped_steps"].append(1.0)
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics["actor/grad_norm"].append(grad_norm)
+        return {
+            key: (float(sum(values)) if key == "actor/skipped_steps" else float(sum(values) / len(values)))
+            for key, values in metrics.items()
+        }
+
+    def _accumulate_micro_batch(self, micro: DataProto, temperature: float, agg: dict[str, float]) -> dict[str, float]:
+        cfg = self.config
+        mask = micro.batch["response_mask"].float()
+        logits, tokens = forward_response_logits(self.model, micro, temperature)
+        device = logits.device
+        mask = mask.to(device)
+        log_probs = token_log_probs(logits, tokens)
+        pg_loss, pg_metrics = self.policy_loss(
+            old_log_probs=micro.batch["old_log_probs"].to(device),
+            log_probs=log_probs,
+            advantages=micro.batch["advantages"].to(device),
+            response_mask=mask,
+            clip_ratio_low=cfg.clip_ratio_low,
+            clip_ratio_high=cfg.clip_ratio_high,
+            clip_ratio_dual=cfg.clip_ratio_dual,
+            loss_agg_mode=cfg.loss_agg_mode,
+            **agg,
+        )
+        entropy = core_algos.entropy_from_logits(logits)
+        entropy_loss = core_algos.agg_loss(entropy, mask, cfg.loss_agg_mode, **agg)
+        loss = pg_loss - cfg.entropy_coeff * entropy_loss
+        out = {f"actor/{k}": float(v) for k, v in pg_metrics.items()}
+        out["actor/pg_loss"] = float(pg_loss.detach())
+        out["actor/entropy"] = float(core_algos.masked_mean(entropy.detach(), mask))
+        if cfg.use_kl_loss:
+            kl = self._kl_to_reference(micro, log_probs, logits, temperature)
+            kl_loss = core_algos.agg_loss(kl, mask, cfg.loss_agg_mode, **agg)
+            loss = loss + cfg.kl_coef * kl_loss
+            out["actor/kl_loss"] = float(kl_loss.detach())
+            out["actor/kl_coef"] = cfg.kl_coef
+        # Data-parallel gradient reduction averages over ranks, while the loss above is already
+        # normalised by the global count: scale back up so the result is the full-batch gradient.
+        (loss * _data_parallel_size()).backward()
+        out["actor/loss"] = float(loss.detach())
+        return out
+
+    def _kl_to_reference(
+        self, micro: DataProto, log_probs: torch.Tensor, logits: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        if self.config.kl_penalty == "full":
+            if self.ref_model is None:
+                raise RuntimeError("algorithm.kl_penalty=full needs the reference model inside the actor update")
+            with torch.no_grad():
+                ref_logits, _ = forward_response_logits(self.ref_model, micro, temperature)
+            return core_algos.full_kl(logits, ref_logits)
+        ref_log_probs = micro.batch["ref_log_probs"].to(log_probs.device)
+        return core_algos.kl_penalty(log_probs, ref_log_probs, self.config.kl_penalty)

@@ -1,0 +1,107 @@
+"""Rollout with transformers' `generate` on the actor's own module (no weight copy needed)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
+from verl.models.positions import compute_position_ids, multimodal_token_types
+from verl.protocol import DataProto
+from verl.workers.rollout.base import RolloutEngine, SamplingParams, register_rollout_engine
+
+
+def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it."""
+    is_eos = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))
+    eos_seen_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~eos_seen_before).long()
+
+
+@register_rollout_engine("hf")
+class HFRollout(RolloutEngine):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        micro_batch_size: int = 64,
+        **_: object,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.micro_batch_size = micro_batch_size
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(tokenizer.eos_token_id)
+        if not eos_ids:
+            raise ValueError("the model's generation config and tokenizer define no EOS token")
+        self.eos_token_ids = eos_ids
+        self.pad_token_id = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(self, prompts: DataProto, sampling: SamplingParams) -> DataProto:
+        batch = prompts.repeat(sampling.n, interleave=True)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        responses = []
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(sampling.seed)
+                for chunk in batch.split(self.micro_batch_size):
+                    responses.append(self._generate_chunk(chunk, sampling, device))
+        finally:
+            reset_rope_cache(self.model)
+            self.model.train(was_training)
+        response_ids = torch.cat(responses).cpu()
+        response_mask = response_mask_from_eos(response_ids, self.eos_token_ids)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        prompt_ids = batch.batch["input_ids"]
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+        attention_mask = torch.cat([batch.batch["attention_mask"], response_mask], dim=1)
+        image_grid_thw = batch_multimodal_inputs(batch.non_tensor_batch["multi_modal_inputs"]).get("image_grid_thw")
+        position_ids = compute_position_ids(self.model, input_ids, attention_mask, image_grid_thw)
+        return DataProto.from_dict(
+            tensors={
+                "prompts": prompt_ids,
+                "responses": response_ids,
+                "response_mask": response_mask,
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+            },
+            non_tensors=batch.non_tensor_batch,
+            meta_info=dict(prompts.meta_info),
+        )
+
+    def _generate_chunk(self, chunk: DataProto, sampling: SamplingParams, device: torch.device) -> torch.Tensor:
+        input_ids = chunk.batch["input_ids"].to(device)
+        attention_mask = chunk.batch["attention_mask"].to(device)
+        kwargs = {k: v.to(device) for k, v in batch_multimodal_inputs(chunk.non_tensor_batch["multi_modal_inputs"]).items()}
+        image_token_id = getattr(self.model.config, "image_token_id", None)
+        if image_token_id is not None:
+            kwargs["mm_token_type_ids"] = multimodal_token_types(
+                input_ids, image_token_id, getattr(self.model.config, "video_token_id", None)
+            )
+        # A fresh config, so sampling defaults shipped with a checkpoint (top_k, repetition
+        # penalty, ...) never change what the trainer asked for.
+        generation_config = GenerationConfig(
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature if not sampling.greedy else None,
+            top_p=sampling.top_p if not sampling.greedy else None,
+            top_k=max(sampling.top_k, 0) if not sampling.greedy else None,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
+        )
+        reset_rope_cache(self.model)
+        new_tokens = output[:, input_ids.shape[1] :]
+        pad = sampling.max_new_tokens - new_tokens.shape[1]
+        if pad > 0:
+            new_tokens = torch.nn.functional.pad(new_tokens, (0, pad), value=self.pad_token_id)
+        return new_tokens
