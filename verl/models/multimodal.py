@@ -29,3 +29,13 @@ def reset_rope_cache(model: torch.nn.Module) -> None:
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rope_deltas"):
         inner.rope_deltas = None
+
+
+def multimodal_token_ids(config: Any) -> list[int]:
+    """Ids of the image/video placeholder and boundary tokens of a Qwen-VL config (empty for text models).
+
+    A sampler must never emit these: a response holding `<|image_pad|>` would claim image features
+    that do not exist, and the next forward fails ("image features and image tokens do not match").
+    """
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(config, name)) for name in names if getattr(config, name, None) is not None})

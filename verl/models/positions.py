@@ -29,10 +29,12 @@ def compute_position_ids(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     image_grid_thw: torch.Tensor | None = None,
+    prompt_length: int | None = None,
 ) -> torch.Tensor:
     """(B, 3, L) mrope positions for Qwen-VL models, (B, L) positions for text models.
 
-    `image_grid_thw` holds the grids of every image of the batch, in row order.
+    `image_grid_thw` holds the grids of every image of the batch, in row order. Tokens after
+    `prompt_length` (the responses) are always text.
     """
     config = model.config
     image_token_id = getattr(config, "image_token_id", None)
@@ -40,6 +42,8 @@ def compute_position_ids(
         return text_position_ids(attention_mask)
     inner = model.model if hasattr(model, "model") else model
     token_types = multimodal_token_types(input_ids, image_token_id, getattr(config, "video_token_id", None))
+    if prompt_length is not None:
+        token_types[:, prompt_length:] = 0
     positions, _ = inner.get_rope_index(
         input_ids,
         mm_token_type_ids=token_types,

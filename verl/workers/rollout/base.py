@@ -24,6 +24,8 @@ class SamplingParams:
     max_new_tokens: int = 64
     seed: int = 0
     """Seeds this call's sampling, so a step's samples do not depend on what ran before it."""
+    return_log_probs: bool = False
+    """Also return `rollout_log_probs`: the sampler's own log-probs of the chosen tokens (at `temperature`)."""
 
     @property
     def greedy(self) -> bool:
@@ -36,7 +38,8 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompts: DataProto, sampling: SamplingParams) -> DataProto:
         """Return the prompts repeated n times (interleaved) with `responses`, `response_mask`,
-        `input_ids`, `attention_mask` and `position_ids` of prompt + response."""
+        `input_ids`, `attention_mask` and `position_ids` of prompt + response (and
+        `rollout_log_probs` when asked)."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 - engines sharing the module need nothing
         """Load the actor's current weights into the engine."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
+from verl.models.multimodal import batch_multimodal_inputs, multimodal_token_ids, reset_rope_cache
 from verl.models.positions import compute_position_ids, multimodal_token_types
 from verl.protocol import DataProto
 from verl.workers.rollout.base import RolloutEngine, SamplingParams, register_rollout_engine
@@ -38,6 +38,7 @@ class HFRollout(RolloutEngine):
             raise ValueError("the model's generation config and tokenizer define no EOS token")
         self.eos_token_ids = eos_ids
         self.pad_token_id = tokenizer.pad_token_id
+        self.suppressed_token_ids = multimodal_token_ids(model.config)
 
     @torch.no_grad()
     def generate(self, prompts: DataProto, sampling: SamplingParams) -> DataProto:
@@ -45,12 +46,14 @@ class HFRollout(RolloutEngine):
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        responses = []
+        responses, log_probs = [], []
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(sampling.seed)
                 for chunk in batch.split(self.micro_batch_size):
-                    responses.append(self._generate_chunk(chunk, sampling, device))
+                    tokens, chunk_log_probs = self._generate_chunk(chunk, sampling, device)
+                    responses.append(tokens)
+                    log_probs.append(chunk_log_probs)
         finally:
             reset_rope_cache(self.model)
             self.model.train(was_training)
@@ -61,9 +64,15 @@ class HFRollout(RolloutEngine):
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)
         attention_mask = torch.cat([batch.batch["attention_mask"], response_mask], dim=1)
         image_grid_thw = batch_multimodal_inputs(batch.non_tensor_batch["multi_modal_inputs"]).get("image_grid_thw")
-        position_ids = compute_position_ids(self.model, input_ids, attention_mask, image_grid_thw)
+        position_ids = compute_position_ids(
+            self.model, input_ids, attention_mask, image_grid_thw, prompt_length=prompt_ids.shape[1]
+        )
+        tensors = {}
+        if sampling.return_log_probs:
+            tensors["rollout_log_probs"] = torch.cat(log_probs).cpu() * response_mask
         return DataProto.from_dict(
             tensors={
+                **tensors,
                 "prompts": prompt_ids,
                 "responses": response_ids,
                 "response_mask": response_mask,
@@ -75,7 +84,9 @@ class HFRollout(RolloutEngine):
             meta_info=dict(prompts.meta_info),
         )
 
-    def _generate_chunk(self, chunk: DataProto, sampling: SamplingParams, device: torch.device) -> torch.Tensor:
+    def _generate_chunk(
+        self, chunk: DataProto, sampling: SamplingParams, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_ids = chunk.batch["input_ids"].to(device)
         attention_mask = chunk.batch["attention_mask"].to(device)
         kwargs = {k: v.to(device) for k, v in batch_multimodal_inputs(chunk.non_tensor_batch["multi_modal_inputs"]).items()}
@@ -95,13 +106,27 @@ class HFRollout(RolloutEngine):
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
+            suppress_tokens=self.suppressed_token_ids or None,
         )
         output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            return_dict_in_generate=True,
+            output_logits=sampling.return_log_probs,
+            **kwargs,
         )
         reset_rope_cache(self.model)
-        new_tokens = output[:, input_ids.shape[1] :]
+        new_tokens = output.sequences[:, input_ids.shape[1] :]
         pad = sampling.max_new_tokens - new_tokens.shape[1]
+        log_probs = None
+        if sampling.return_log_probs:
+            # Raw logits at the sampling temperature: what the actor must reproduce in its forward.
+            logits = torch.stack(output.logits, dim=1).float()
+            if not sampling.greedy:
+                logits = logits / sampling.temperature
+            log_probs = torch.gather(logits.log_softmax(-1), -1, new_tokens.unsqueeze(-1)).squeeze(-1)
+            log_probs = torch.nn.functional.pad(log_probs, (0, max(pad, 0)), value=0.0)
         if pad > 0:
             new_tokens = torch.nn.functional.pad(new_tokens, (0, pad), value=self.pad_token_id)
-        return new_tokens
+        return new_tokens, log_probs
