@@ -28,8 +28,8 @@ def _require(condition: bool, key: str, rule: str) -> None:
 class DataConfig:
     train_files: str = "tiny_world/data/digit_sum/train.parquet"
     """Training data: a parquet/json/jsonl file, a folder of them, or `name@split` (HF datasets cache)."""
-    val_files: str = "tiny_world/data/digit_sum/val.parquet"
-    """Validation data, same forms as `train_files`."""
+    val_files: str | None = "tiny_world/data/digit_sum/val.parquet"
+    """Validation data, same forms as `train_files`; null for none."""
     prompt_key: str = "problem"
     """Column with the question text; `<image>` marks where each image goes."""
     answer_key: str = "answer"
