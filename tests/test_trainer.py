@@ -97,3 +97,23 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_world, tmp_path):
             assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-7), (step, key)
     # the rewards actually varied, so the comparison was not between zeros
     assert reference[3]["actor/grad_norm"] > 0
+
+
+def test_self_reward_stage_runs_only_when_the_reward_needs_it(tiny_world, tmp_path):
+    self_reward = "examples/reward_function/see_think_self_reward.py:compute_score"
+    main(
+        run_args(
+            tiny_world,
+            tmp_path / "on",
+            "trainer.max_steps=1",
+            f"worker.reward.reward_function={self_reward}",
+            "algorithm.advantage_mode=decoupled",
+            "algorithm.decoupled_weights={accuracy: 0.9, format: 0.1, visual: 1.0}",
+        )
+    )
+    on = read_metrics(tmp_path / "on")[1]
+    assert "timing_s/self_reward" in on and "self_reward/description_rate" in on
+    assert {"reward/accuracy", "reward/format", "reward/visual"} <= set(on)
+    main(run_args(tiny_world, tmp_path / "off", "trainer.max_steps=1"))
+    off = read_metrics(tmp_path / "off")[1]
+    assert "timing_s/self_reward" not in off and not any(k.startswith("self_reward/") for k in off)

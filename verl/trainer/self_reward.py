@@ -42,7 +42,9 @@ def states_answer(description: str, answer: str) -> bool:
     answer = answer.strip()
     if not answer:
         return False
-    return re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w.])", description, re.IGNORECASE) is not None
+    # Not part of a longer word or number ("14", "4.5"), but a sentence's full stop may follow.
+    pattern = rf"(?<!\w)(?<!\d\.){re.escape(answer)}(?!\w)(?!\.\d)"
+    return re.search(pattern, description, re.IGNORECASE) is not None
 
 
 @dataclass
