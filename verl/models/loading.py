@@ -48,12 +48,18 @@ def is_vision_model(model_path: str) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def check_model_path(path: str) -> None:
+    """A local folder, or a hub id (`org/name`) that transformers resolves from its cache or the hub."""
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/")) and not os.path.exists(path)
+    if not os.path.isdir(path) and not looks_like_hub_id:
+        raise FileNotFoundError(f"model folder not found: {path}")
+
+
 def load_tokenizer_and_processor(
     path: str, trust_remote_code: bool = False
 ) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
     """The tokenizer (always left-padded) and, for vision models, the multimodal processor."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model/tokenizer folder not found: {path}")
+    check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # Generation with right padding silently uses wrong positions for padded rows.
     tokenizer.padding_side = "left"
@@ -77,9 +83,8 @@ def load_model(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """Load a causal LM or image-text-to-text model from a Hugging Face folder."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder not found: {path}")
+    """Load a causal LM or image-text-to-text model from a Hugging Face folder (or hub id)."""
+    check_model_path(path)
     auto_cls = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     model = auto_cls.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code

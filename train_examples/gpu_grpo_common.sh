@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Shared body of the GPU training scripts (1-*, 2-*, 3-*). Not meant to be called directly.
+# Hyperparameters follow the original Vision-SR1 runs; every value can be overridden by an
+# environment variable of the same name, and extra arguments are config overrides (key=value).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+: "${VARIANT:?set by the calling script: self_reward, see_think or cot}"
+: "${MODEL_PATH:?set by the calling script}"
+PYTHON=${PYTHON:-python3}
+TRAIN_FILES=${TRAIN_FILES:-LMMs-Lab-Turtle/Vision-SR1-47K@train}
+VAL_FILES=${VAL_FILES:-hiyouga/geometry3k@test}
+N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-$(basename "$MODEL_PATH")_${VARIANT}}
+SAVE_DIR=${SAVE_DIR:-checkpoints/vision_sr1/$EXPERIMENT_NAME}
+
+case "$VARIANT" in
+  self_reward) FORMAT_PROMPT=examples/format_prompt/see_think.jinja
+               REWARD=examples/reward_function/see_think_self_reward.py:compute_score ;;
+  see_think)   FORMAT_PROMPT=examples/format_prompt/see_think.jinja
+               REWARD=examples/reward_function/see_think.py:compute_score ;;
+  cot)         FORMAT_PROMPT=examples/format_prompt/cot.jinja
+               REWARD=examples/reward_function/cot.py:compute_score ;;
+  *) echo "unknown VARIANT=$VARIANT" >&2; exit 2 ;;
+esac
+
+"$PYTHON" -m verl.trainer.main config=examples/config.yaml \
+  data.train_files="$TRAIN_FILES" \
+  data.val_files="$VAL_FILES" \
+  data.format_prompt="$FORMAT_PROMPT" \
+  data.max_prompt_length="${MAX_PROMPT_LENGTH:-12800}" \
+  data.max_response_length="${MAX_RESPONSE_LENGTH:-2048}" \
+  data.rollout_batch_size="${ROLLOUT_BATCH_SIZE:-512}" \
+  data.min_pixels="${MIN_PIXELS:-262144}" \
+  data.max_pixels="${MAX_PIXELS:-4194304}" \
+  algorithm.use_kl_loss=true \
+  algorithm.kl_penalty=low_var_kl \
+  algorithm.kl_coef="${KL_COEF:-1.0e-2}" \
+  worker.actor.model.model_path="$MODEL_PATH" \
+  worker.actor.global_batch_size="${GLOBAL_BATCH_SIZE:-128}" \
+  worker.actor.micro_batch_size_per_device_for_update="${MICRO_BATCH_UPDATE:-4}" \
+  worker.actor.micro_batch_size_per_device_for_experience="${MICRO_BATCH_EXPERIENCE:-16}" \
+  worker.actor.clip_ratio_low=0.2 \
+  worker.actor.clip_ratio_high=0.3 \
+  worker.actor.clip_ratio_dual=3.0 \
+  worker.actor.optim.lr="${LR:-1.0e-6}" \
+  worker.actor.optim.weight_decay=1.0e-2 \
+  worker.actor.model.enable_gradient_checkpointing=true \
+  worker.actor.fsdp.enable_full_shard=true \
+  worker.actor.offload.offload_params=true \
+  worker.actor.offload.offload_optimizer=true \
+  worker.rollout.name="${ROLLOUT_ENGINE:-vllm}" \
+  worker.rollout.n=8 \
+  worker.rollout.temperature=1.0 \
+  worker.rollout.top_p=0.99 \
+  worker.rollout.tensor_parallel_size="${TENSOR_PARALLEL_SIZE:-2}" \
+  worker.rollout.gpu_memory_utilization="${GPU_MEMORY_UTILIZATION:-0.6}" \
+  worker.rollout.val_temperature=0.0 \
+  worker.reward.reward_function="$REWARD" \
+  trainer.total_epochs=1 \
+  trainer.nnodes="$NNODES" \
+  trainer.n_gpus_per_node="$N_GPUS_PER_NODE" \
+  trainer.experiment_name="$EXPERIMENT_NAME" \
+  trainer.save_checkpoint_path="$SAVE_DIR" \
+  trainer.val_freq="${VAL_FREQ:-5}" \
+  trainer.save_freq="${SAVE_FREQ:-5}" \
+  trainer.logger="${LOGGERS:-[console,file,wandb]}" \
+  "$@"
