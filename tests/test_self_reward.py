@@ -1,7 +1,6 @@
 """The self-reward stage: description extraction, the leak fix, text-only prompts, alignment of
 second-pass answers with their responses, skipping when unused, and both advantage modes."""
 
-import copy
 
 import numpy as np
 import pytest
