@@ -28,10 +28,8 @@ def configure_threads(torch_threads: int | None) -> None:
 def build_trainer(config: PPOConfig):
     """Everything `fit()` needs, built in dependency order; returns the trainer."""
     from verl.models.loading import load_tokenizer_and_processor
-    from verl.single_controller.local import LocalWorkerGroup
     from verl.trainer.ppo_trainer import PPOTrainer
     from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
-    from verl.workers.fsdp_worker import ActorRolloutRefWorker
     from verl.workers.reward import RewardFunction
 
     data = config.data
@@ -42,8 +40,6 @@ def build_trainer(config: PPOConfig):
     backend = config.trainer.backend
     if backend == "auto":
         backend = "ray" if world > 1 else "local"
-    if backend == "ray":
-        raise ConfigError("config key `trainer.backend`: the ray backend is not available in this build; use local")
 
     # The driver tokenizes data itself; workers load their own copy of the same files.
     model_cfg = config.worker.actor.model
@@ -76,12 +72,44 @@ def build_trainer(config: PPOConfig):
         total_steps = min(total_steps, config.trainer.max_steps)
     config.worker.actor.optim.training_steps = total_steps  # the lr schedule's length
 
-    worker = ActorRolloutRefWorker(
-        config.worker, device=config.trainer.device, need_ref=not config.algorithm.disable_kl, seed=config.trainer.seed
-    )
-    worker_group = LocalWorkerGroup(worker)
+    worker_group = build_worker_group(config, backend)
     logger.info("model parameters: %s", worker_group.init_model())
     return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn)
+
+
+def build_worker_group(config: PPOConfig, backend: str):
+    """One worker in this process (`local`), or one Ray actor per device on every node (`ray`)."""
+    from verl.workers.fsdp_worker import ActorRolloutRefWorker
+
+    trainer = config.trainer
+    worker_kwargs = {"config": config.worker, "need_ref": not config.algorithm.disable_kl, "seed": trainer.seed}
+    if backend == "local":
+        from verl.single_controller.local import LocalWorkerGroup
+
+        return LocalWorkerGroup(ActorRolloutRefWorker(device=trainer.device, **worker_kwargs))
+
+    import ray
+
+    from verl.single_controller.ray import RayWorkerGroup, ResourcePool, init_ray
+
+    init_ray(trainer.nnodes)
+    cluster = ray.cluster_resources()
+    device = trainer.device
+    if device == "auto":
+        device = "cuda" if cluster.get("GPU", 0) > 0 else "cpu"
+    world = trainer.nnodes * trainer.n_gpus_per_node
+    # CPU workers share the cores (one torch thread per core they hold); GPU workers hold one core each.
+    cpus_per_worker = 1.0 if device == "cuda" else cluster.get("CPU", 1.0) / world
+    threads = trainer.torch_threads or (None if device == "cuda" else max(1, int(cpus_per_worker)))
+    pool = ResourcePool(
+        trainer.nnodes, trainer.n_gpus_per_node, use_gpu=device == "cuda", cpus_per_worker=cpus_per_worker
+    )
+    return RayWorkerGroup(pool, ActorRolloutRefWorker, {"device": device, **worker_kwargs}, torch_threads=threads)
+
+
+def ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # never imported: nothing touched Ray
+    return ray is not None and ray.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -94,8 +122,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(2) from None
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
-    trainer = build_trainer(config)
-    return trainer.fit()
+    caller_uses_ray = ray_connected()
+    try:
+        return build_trainer(config).fit()
+    finally:
+        if ray_connected() and not caller_uses_ray:
+            # Stop the workers (and a local Ray instance) this run started.
+            sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

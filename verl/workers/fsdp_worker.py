@@ -1,18 +1,26 @@
 """One worker per device holding the actor (trained), its rollout engine and the reference model.
 
 The controller talks to it only through a worker group (verl.single_controller); the same class
-runs in-process (`trainer.backend=local`) and as a Ray actor.
+runs in-process (`trainer.backend=local`) and as a Ray actor. With several workers (or on a GPU)
+the models are sharded with FSDP2 (verl.workers.fsdp_utils); a single CPU worker keeps plain modules.
+
+Checkpoints: one worker writes a Hugging Face folder plus `training_state.pt`; several workers write
+`sharded/` (torch.distributed.checkpoint) with the HF config, tokenizer and processor beside it.
+Either loads into any number of workers; scripts/model_merger.py turns either into an HF folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 from verl.models.loading import (
     load_model,
@@ -22,12 +30,19 @@ from verl.models.loading import (
     vision_tower,
 )
 from verl.protocol import DataProto
-from verl.trainer.config import OptimConfig, WorkerConfig
-from verl.workers.actor.dp_actor import DataParallelActor
+from verl.single_controller.dispatch import Dispatch, register
+from verl.trainer.config import FSDPConfig, OptimConfig, WorkerConfig
+from verl.workers import fsdp_utils
+from verl.workers.actor.dp_actor import ADDITIVE_METRICS, DataParallelActor
+from verl.workers.optimizer import build_optimizer
 from verl.workers.rollout import get_rollout_engine
 from verl.workers.rollout.base import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+SHARDED_DIR = "sharded"
+"""Sub-folder of a multi-worker checkpoint holding the torch.distributed.checkpoint shards."""
+TRAINING_STATE = "training_state.pt"
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -47,10 +62,13 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) ->
 
 
 def resolve_device(name: str) -> torch.device:
+    """cpu, or this process's GPU (`LOCAL_RANK`, as set by the Ray worker group or torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -62,36 +80,32 @@ class ActorRolloutRefWorker:
         self.device = resolve_device(device)
         self.need_ref = need_ref
         self.seed = seed
+        self.rank, self.world_size = fsdp_utils.init_distributed(self.device)
+        self.sharded = dist.is_initialized()
 
     # --- setup -------------------------------------------------------------------------------
+    @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> dict[str, int]:
         model_cfg = self.config.actor.model
         torch.manual_seed(self.seed)
         self.tokenizer, self.processor = load_tokenizer_and_processor(
             model_cfg.tokenizer_path or model_cfg.model_path, model_cfg.trust_remote_code
         )
-        attn = resolve_attn_implementation(model_cfg.attn_implementation, self.device)
         on_gpu = self.device.type == "cuda"
         actor_dtype = resolve_dtype(self.config.actor.fsdp.torch_dtype, torch.float32)
-        self.model = load_model(model_cfg.model_path, actor_dtype, attn, model_cfg.trust_remote_code).to(self.device)
-        if model_cfg.freeze_vision_tower:
-            tower = vision_tower(self.model)
-            if tower is None:
-                raise ValueError("worker.actor.model.freeze_vision_tower=true but the model has no vision tower")
-            tower.requires_grad_(False)
-        if model_cfg.enable_gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self._build_model(actor_dtype, self.config.actor.fsdp, trainable=True)
         self.ref_model = None
         if self.need_ref:
             ref_dtype = resolve_dtype(self.config.ref.fsdp.torch_dtype, torch.bfloat16 if on_gpu else torch.float32)
-            self.ref_model = load_model(model_cfg.model_path, ref_dtype, attn, model_cfg.trust_remote_code)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
-        optim_cfg = self.config.actor.optim
+            self.ref_model = self._build_model(ref_dtype, self.config.ref.fsdp, trainable=False).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay
+        self.optimizer = build_optimizer(params, self.config.actor.optim)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.actor.optim)
+        actor_offload, ref_offload = self.config.actor.offload, self.config.ref.offload
+        self.actor_offload = fsdp_utils.CPUOffload(
+            self.device, self.model, self.optimizer, actor_offload.offload_params, actor_offload.offload_optimizer
         )
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, optim_cfg)
+        self.ref_offload = fsdp_utils.CPUOffload(self.device, self.ref_model, params=ref_offload.offload_params)
         self.actor = DataParallelActor(
             self.config.actor,
             self.model,
@@ -104,72 +118,159 @@ class ActorRolloutRefWorker:
             model=self.model, tokenizer=self.tokenizer, processor=self.processor, config=rollout_cfg,
             micro_batch_size=rollout_cfg.micro_batch_size,
         )
-        return {
+        sizes = {
+            # Sharded parameters report their full size.
             "actor_params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in params),
         }
+        self.actor_offload.offload()
+        if self.ref_model is not None:
+            self.ref_offload.offload()
+        return sizes
+
+    def _build_model(self, dtype: torch.dtype, fsdp_cfg: FSDPConfig, trainable: bool) -> torch.nn.Module:
+        """The policy weights as the actor (trainable) or the reference (frozen), sharded when distributed."""
+        model_cfg = self.config.actor.model
+        attn = resolve_attn_implementation(model_cfg.attn_implementation, self.device)
+
+        def prepare(model: torch.nn.Module) -> None:
+            model.requires_grad_(trainable)
+            if trainable and model_cfg.freeze_vision_tower:
+                tower = vision_tower(model)
+                if tower is None:
+                    raise ValueError("worker.actor.model.freeze_vision_tower=true but the model has no vision tower")
+                tower.requires_grad_(False)
+            if trainable and model_cfg.enable_gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        if not self.sharded:
+            model = load_model(model_cfg.model_path, dtype, attn, model_cfg.trust_remote_code)
+            prepare(model)
+            return model.to(self.device)
+        return fsdp_utils.build_sharded_model(
+            model_cfg.model_path,
+            dtype,
+            attn,
+            model_cfg.trust_remote_code,
+            self.device,
+            fsdp_utils.build_device_mesh(self.device, fsdp_cfg.fsdp_size),
+            fsdp_utils.mixed_precision(self.device, fsdp_cfg.mp_param_dtype),
+            fsdp_cfg.enable_full_shard,
+            prepare,
+        )
 
     # --- stages ----------------------------------------------------------------------------
+    @register(Dispatch.DP_COMPUTE)
     def generate_sequences(self, prompts: DataProto) -> DataProto:
         """Sample with `prompts.meta_info["sampling"]` (a SamplingParams)."""
         sampling: SamplingParams = prompts.meta_info["sampling"]
-        self.rollout.wake()
-        self.rollout.sync_weights(self.model)
-        try:
-            return self.rollout.generate(prompts, sampling)
-        finally:
-            self.rollout.sleep()
+        # Ranks sample different prompts: each gets its own random stream (rank 0 keeps the given seed).
+        sampling = dataclasses.replace(sampling, seed=sampling.seed + self.rank * 2**32)
+        with self.actor_offload.loaded(), self._gathered(self.model):
+            self.rollout.wake()
+            self.rollout.sync_weights(self.model)
+            try:
+                return self.rollout.generate(prompts, sampling)
+            finally:
+                self.rollout.sleep()
 
+    @register(Dispatch.DP_COMPUTE)
     def compute_log_probs(self, data: DataProto) -> DataProto:
-        log_probs, entropy = self.actor.compute_log_probs(
-            data,
-            data.meta_info["temperature"],
-            self.config.actor.micro_batch_size_per_device_for_experience,
-            with_entropy=True,
-        )
+        with self.actor_offload.loaded():
+            log_probs, entropy = self.actor.compute_log_probs(
+                data,
+                data.meta_info["temperature"],
+                self.config.actor.micro_batch_size_per_device_for_experience,
+                with_entropy=True,
+            )
+            fsdp_utils.release_gathered(self.model)
         return DataProto.from_dict(tensors={"old_log_probs": log_probs, "entropy": entropy})
 
+    @register(Dispatch.DP_COMPUTE)
     def compute_ref_log_probs(self, data: DataProto) -> DataProto:
         if self.ref_actor is None:
             raise RuntimeError("compute_ref_log_probs called on a worker without the reference role")
-        log_probs, _ = self.ref_actor.compute_log_probs(
-            data, data.meta_info["temperature"], self.config.ref.micro_batch_size_per_device_for_experience
-        )
+        with self.ref_offload.loaded():
+            log_probs, _ = self.ref_actor.compute_log_probs(
+                data, data.meta_info["temperature"], self.config.ref.micro_batch_size_per_device_for_experience
+            )
+            fsdp_utils.release_gathered(self.ref_model)
         return DataProto.from_dict(tensors={"ref_log_probs": log_probs})
 
+    @register(Dispatch.DP_COMPUTE)
     def update_actor(self, data: DataProto) -> DataProto:
-        metrics = self.actor.update_policy(data, data.meta_info["temperature"], data.meta_info["mini_batch_size"])
+        # The dispatch gives every rank an equal share of each mini-batch, in mini-batch order.
+        mini_batch_size = data.meta_info["mini_batch_size"] // self.world_size
+        # kl_penalty=full compares with the reference model inside the update.
+        ref_loaded = self.ref_offload.loaded() if self.actor.ref_model is not None else nullcontext()
+        with self.actor_offload.loaded(with_optimizer=True), ref_loaded:
+            metrics = self.actor.update_policy(data, data.meta_info["temperature"], mini_batch_size)
+        metrics = fsdp_utils.all_reduce_metrics(metrics, summed=ADDITIVE_METRICS)
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         return DataProto.from_dict(meta_info={"metrics": metrics})
 
+    def _gathered(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        """Parameters gathered for a whole generation when sharded (see fsdp_utils.gathered_parameters).
+
+        Only the hf engine runs the actor's own module; other engines hold their own copy of the weights.
+        """
+        if not self.sharded or self.config.rollout.name != "hf":
+            return nullcontext()
+        return fsdp_utils.gathered_parameters(model, self.config.actor.fsdp.enable_full_shard)
+
     # --- checkpoints -------------------------------------------------------------------------
+    @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
-        """Write an HF folder (loadable as a model) plus optimizer, scheduler and RNG state into `path`."""
+        """One worker: an HF folder (loadable as a model). Several: `sharded/` with the HF config,
+        generation config, tokenizer and processor beside it. Both: `training_state.pt` (optimizer
+        state for one worker, lr schedule, RNG) and `worker_config.json`."""
+        with self.actor_offload.loaded(with_optimizer=True):
+            if self.world_size > 1:
+                fsdp_utils.save_sharded(os.path.join(path, SHARDED_DIR), self.model, self.optimizer)
+                weights, optimizer_state = None, None
+            else:
+                weights, optimizer_state = fsdp_utils.full_state(self.model, self.optimizer)
+        if self.rank != 0:
+            return
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
+        if weights is None:
+            self.model.config.save_pretrained(path)
+            if self.model.generation_config is not None:
+                self.model.generation_config.save_pretrained(path)
+        else:
+            # Hand over the gathered weights: a sharded model's own state dict holds only this rank's shards.
+            self.model.save_pretrained(path, state_dict=weights if self.sharded else None, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         if self.processor is not None:
             self.processor.save_pretrained(path)
         torch.save(
             {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
-            os.path.join(path, "training_state.pt"),
+            os.path.join(path, TRAINING_STATE),
         )
         with open(os.path.join(path, "worker_config.json"), "w") as f:
             json.dump(asdict(self.config), f, indent=2, default=str)
 
+    @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
-        """Restore the weights, optimizer, scheduler and RNG saved by `save_checkpoint`."""
-        loaded = load_model(path, next(self.model.parameters()).dtype, "sdpa")
-        self.model.load_state_dict(loaded.state_dict())
-        del loaded
-        state = torch.load(os.path.join(path, "training_state.pt"), weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore weights, optimizer, scheduler and RNG from a checkpoint written by any number of workers."""
+        state = torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
+        sharded_dir = os.path.join(path, SHARDED_DIR)
+        with self.actor_offload.loaded(with_optimizer=True):
+            if os.path.isdir(sharded_dir):
+                fsdp_utils.load_sharded(sharded_dir, self.model, self.optimizer)
+            else:
+                # One worker saved: rank 0 reads the folder and hands every rank its shards.
+                weights, optimizer_state = {}, {}
+                if self.rank == 0:
+                    weights = load_model(path, next(self.model.parameters()).dtype, "sdpa").state_dict()
+                    optimizer_state = state["optimizer"]
+                fsdp_utils.load_full_state(self.model, self.optimizer, weights, optimizer_state)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():

@@ -1,0 +1,110 @@
+"""Turns an actor checkpoint into a plain Hugging Face model folder, and checks that it loads.
+
+python scripts/model_merger.py --local_dir CKPT/global_step_N/actor [--target_dir DIR] [--max_shard_size 5GB]
+
+Reads either kind of save: one worker's (an HF folder plus training state) or several workers'
+(`sharded/`, torch.distributed.checkpoint, with the HF config beside it). Writes safetensors (split
+into shards above `--max_shard_size`), config, generation config, tokenizer and processor to
+`--target_dir` (default: `<local_dir>/huggingface`), then loads the result with transformers and
+compares every tensor with the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+from verl.models.loading import load_tokenizer_and_processor
+
+SHARDED_DIR = "sharded"  # as written by verl.workers.fsdp_worker
+MODEL_PREFIX = "model."  # DCP keys of the weights: "model.<parameter name>" (optimizer states are "optimizer....")
+
+
+def model_class(config: AutoConfig) -> type:
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+
+
+def read_sharded_weights(sharded_dir: str) -> dict[str, torch.Tensor]:
+    """The full weights of a multi-worker save, read in one process (no process group needed)."""
+    reader = dcp.FileSystemReader(sharded_dir)
+    metadata = reader.read_metadata()
+    weights = {
+        key[len(MODEL_PREFIX) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and hasattr(meta, "size")
+    }
+    if not weights:
+        raise ValueError(f"{sharded_dir}: the checkpoint holds no model weights (keys starting with {MODEL_PREFIX!r})")
+    with warnings.catch_warnings():
+        # Reading without a process group is what we want here; torch warns about it.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": weights}, storage_reader=reader)
+    return weights
+
+
+def load_checkpoint_model(local_dir: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The checkpoint's model and its state dict, from either kind of save."""
+    if not os.path.isfile(os.path.join(local_dir, "config.json")):
+        raise FileNotFoundError(f"--local_dir {local_dir}: no config.json (expected CKPT/global_step_N/actor)")
+    sharded_dir = os.path.join(local_dir, SHARDED_DIR)
+    config = AutoConfig.from_pretrained(local_dir)
+    if not os.path.isdir(sharded_dir):
+        # One worker saved a Hugging Face folder already; read it in the dtype it was saved in.
+        model = model_class(config).from_pretrained(local_dir, dtype="auto")
+        return model, model.state_dict()
+    weights = read_sharded_weights(sharded_dir)
+    with torch.device("meta"):
+        model = model_class(config).from_config(config, dtype=next(iter(weights.values())).dtype)
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise ValueError(f"{sharded_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    # Take the loaded tensors as the parameters (no second copy), then restore tied weights.
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
+    if os.path.isfile(os.path.join(local_dir, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(local_dir)
+    return model, weights
+
+
+def verify(target_dir: str, expected: dict[str, torch.Tensor]) -> None:
+    """Load the merged folder with plain transformers and compare every weight with the checkpoint's."""
+    config = AutoConfig.from_pretrained(target_dir)
+    reloaded = model_class(config).from_pretrained(target_dir, dtype=next(iter(expected.values())).dtype)
+    state = reloaded.state_dict()
+    differing = [key for key, tensor in expected.items() if key not in state or not torch.equal(state[key], tensor)]
+    if differing:
+        raise RuntimeError(f"{target_dir}: reloaded weights differ from the checkpoint for {differing[:5]}")
+    load_tokenizer_and_processor(target_dir)
+
+
+def merge_checkpoint(local_dir: str, target_dir: str | None = None, max_shard_size: str = "5GB") -> str:
+    """Write the HF folder for the checkpoint at `local_dir`, verify it, and return its path."""
+    target_dir = target_dir or os.path.join(local_dir, "huggingface")
+    model, weights = load_checkpoint_model(local_dir)
+    tokenizer, processor = load_tokenizer_and_processor(local_dir)
+    os.makedirs(target_dir, exist_ok=True)
+    model.save_pretrained(target_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(target_dir)
+    if processor is not None:
+        processor.save_pretrained(target_dir)
+    verify(target_dir, weights)
+    return target_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_dir", required=True, help="the actor folder of a checkpoint: CKPT/global_step_N/actor")
+    parser.add_argument("--target_dir", default=None, help="output folder (default: <local_dir>/huggingface)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file (default: 5GB)")
+    args = parser.parse_args()
+    target = merge_checkpoint(args.local_dir, args.target_dir, args.max_shard_size)
+    print(f"merged {args.local_dir} into {target}; it loads with transformers and matches the checkpoint")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The Ray backend with FSDP2 on CPU (gloo): two workers compute what one computes, sharded
+checkpoints resume on another number of workers, and a worker's exception or death ends the call
+with an error naming the worker instead of a hang.
+
+Tolerances: fp32 on CPU, so two workers differ from one only in summation order: log-probs within
+1e-5, first-step loss and gradient norm within a relative 1e-4.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+import torch
+
+from verl.protocol import DataProto
+from verl.single_controller.dispatch import Dispatch, merge_from_dp, register, registered_methods, split_by_dp
+from verl.single_controller.local import LocalWorkerGroup
+from verl.single_controller.ray import RayWorkerGroup, ResourcePool, WorkerError
+from verl.trainer.config import WorkerConfig
+from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
+from verl.workers.fsdp_worker import ActorRolloutRefWorker
+from verl.workers.rollout.base import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_PROB_ATOL = 1e-5
+STEP_RTOL = 1e-4
+MICRO_BATCH = 2
+
+
+# --- dispatch (no Ray needed) --------------------------------------------------------------------
+def batch_with_lengths(lengths: list[int]) -> DataProto:
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return DataProto.from_dict({"attention_mask": mask, "row": torch.arange(len(lengths))})
+
+
+def test_dp_split_balances_tokens_and_merge_restores_the_callers_order():
+    data = batch_with_lengths([1, 1, 1, 1, 9, 9, 9, 9])
+    shards, split = split_by_dp(data, 2)
+    assert [int(s.batch["attention_mask"].sum()) for s in shards] == [20, 20]
+    # Each worker answers with two rows per input row (n samples per prompt), kept adjacent.
+    outputs = [shard.repeat(2) for shard in shards]
+    merged = merge_from_dp(outputs, split)
+    assert merged.batch["row"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+
+
+def test_dp_split_pads_an_odd_batch_and_merge_drops_the_padding():
+    shards, split = split_by_dp(batch_with_lengths([3, 1, 2]), 2)
+    assert [len(s) for s in shards] == [2, 2] and split.pad_size == 1
+    assert merge_from_dp(shards, split).batch["row"].tolist() == [0, 1, 2]
+
+
+def test_dp_split_keeps_each_mini_batch_whole_and_never_pads_it():
+    data = batch_with_lengths([5, 1, 1, 5, 2, 8, 8, 2])
+    data.meta_info["mini_batch_size"] = 4
+    shards, _ = split_by_dp(data, 2)
+    for shard in shards:  # rank r's first 2 rows come from mini-batch 0, its last 2 from mini-batch 1
+        assert set(shard.batch["row"][:2].tolist()) <= {0, 1, 2, 3}
+        assert set(shard.batch["row"][2:].tolist()) <= {4, 5, 6, 7}
+    data.meta_info["mini_batch_size"] = 3
+    with pytest.raises(ValueError, match="cannot be shared evenly"):
+        split_by_dp(data, 2)
+
+
+def test_register_marks_the_methods_a_group_may_call():
+    class Worker:
+        @register(Dispatch.RANK_ZERO)
+        def report(self) -> None: ...
+
+        def helper(self) -> None: ...
+
+    assert registered_methods(Worker) == {"report": Dispatch.RANK_ZERO}
+    # The methods the trainer calls, each with the mode its work needs.
+    assert (
+        registered_methods(ActorRolloutRefWorker).items()
+        >= {
+            "init_model": Dispatch.ONE_TO_ALL,
+            "generate_sequences": Dispatch.DP_COMPUTE,
+            "compute_log_probs": Dispatch.DP_COMPUTE,
+            "compute_ref_log_probs": Dispatch.DP_COMPUTE,
+            "update_actor": Dispatch.DP_COMPUTE,
+            "save_checkpoint": Dispatch.ONE_TO_ALL,
+            "load_checkpoint": Dispatch.ONE_TO_ALL,
+        }.items()
+    )
+
+
+# --- two Ray workers against one local worker ----------------------------------------------------
+def worker_config(tiny_world: Path) -> WorkerConfig:
+    config = WorkerConfig()
+    config.actor.model.model_path = str(tiny_world / "models" / "qwen2_5_vl")
+    config.actor.optim.lr = 1e-3
+    # A changing learning rate, so a resumed run with a lost schedule shows up in `actor/lr`.
+    config.actor.optim.lr_scheduler_type = "warmup"
+    config.actor.optim.lr_warmup_steps = 4
+    config.actor.optim.training_steps = 10
+    config.actor.micro_batch_size_per_device_for_update = MICRO_BATCH
+    config.actor.micro_batch_size_per_device_for_experience = MICRO_BATCH
+    return config
+
+
+def local_group(tiny_world: Path) -> LocalWorkerGroup:
+    group = LocalWorkerGroup(ActorRolloutRefWorker(worker_config(tiny_world), device="cpu", need_ref=True, seed=0))
+    group.init_model()
+    return group
+
+
+def mixed_prompts(tiny_world: Path, worker: ActorRolloutRefWorker) -> DataProto:
+    """One image prompt and seven text-only prompts: the image lands on one rank only."""
+
+    def dataset(name: str) -> PromptDataset:
+        return PromptDataset(
+            str(tiny_world / "data" / name / "val.parquet"),
+            worker.tokenizer,
+            worker.processor,
+            PromptDatasetConfig(format_prompt=str(ROOT / "examples/format_prompt/see_think.jinja")),
+        )
+
+    images, texts = dataset("digit_sum"), dataset("text_sum")
+    prompts = collate_prompts([images[0]] + [texts[i] for i in range(7)], worker.tokenizer.pad_token_id)
+    prompts.meta_info["sampling"] = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    return prompts
+
+
+def has_images(rows: DataProto) -> bool:
+    return any("pixel_values" in inputs for inputs in rows.non_tensor_batch["multi_modal_inputs"])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_world, ray_cluster, tmp_path_factory):
+    """One local worker and a group of two Ray workers run the same stages on the same batch; each
+    saves a checkpoint and then resumes the other's. Returns everything the tests compare."""
+    out = SimpleNamespace(saves=tmp_path_factory.mktemp("saves"))
+    local = local_group(tiny_world)
+    pool = ResourcePool(nnodes=1, workers_per_node=2, use_gpu=False, cpus_per_worker=1.0)
+    kwargs = {"config": worker_config(tiny_world), "device": "cpu", "need_ref": True, "seed": 0}
+    group = RayWorkerGroup(pool, ActorRolloutRefWorker, kwargs, torch_threads=1, call_timeout_s=300)
+    group.init_model()
+    out.group = group
+
+    prompts = mixed_prompts(tiny_world, local.worker)
+    out.generated_local = local.generate_sequences(prompts)
+    out.generated_ray = group.generate_sequences(prompts)
+
+    batch = out.generated_local
+    batch.meta_info = {"temperature": 1.0}
+    out.old_local, out.old_ray = local.compute_log_probs(batch), group.compute_log_probs(batch)
+    out.ref_local, out.ref_ray = local.compute_ref_log_probs(batch), group.compute_ref_log_probs(batch)
+    batch = batch.union(out.old_local.select(["old_log_probs"])).union(out.ref_local)
+    rewards = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.75, -0.25, 0.5, 0.0])
+    batch.batch["advantages"] = rewards[:, None] * batch.batch["response_mask"]
+    batch.meta_info["mini_batch_size"] = len(batch)
+    out.batch = batch
+    out.shards, _ = split_by_dp(batch, 2)
+
+    out.step1_local = local.update_actor(batch).meta_info["metrics"]
+    out.step1_ray = group.update_actor(batch).meta_info["metrics"]
+    local.save_checkpoint(str(out.saves / "one_worker"))
+    group.save_checkpoint(str(out.saves / "two_workers"))
+
+    # 2 -> 1: a fresh local worker resumes the two workers' save; both take step 2.
+    resumed = local_group(tiny_world)
+    resumed.load_checkpoint(str(out.saves / "two_workers"))
+    out.resumed_log_probs = resumed.compute_log_probs(batch).batch["old_log_probs"]
+    out.ray_log_probs = group.compute_log_probs(batch).batch["old_log_probs"]
+    out.step2_resumed = resumed.update_actor(batch).meta_info["metrics"]
+    out.step2_ray = group.update_actor(batch).meta_info["metrics"]
+    out.after_step2_resumed = resumed.compute_log_probs(batch).batch["old_log_probs"]
+    out.after_step2_ray = group.compute_log_probs(batch).batch["old_log_probs"]
+
+    # 1 -> 2: the two workers resume the local worker's save (an HF folder); both take step 2.
+    group.load_checkpoint(str(out.saves / "one_worker"))
+    out.group_from_local = group.compute_log_probs(batch).batch["old_log_probs"]
+    out.local_log_probs = local.compute_log_probs(batch).batch["old_log_probs"]
+    out.step2_local = local.update_actor(batch).meta_info["metrics"]
+    out.step2_group_from_local = group.update_actor(batch).meta_info["metrics"]
+    return out
+
+
+def assert_step_matches(ours: dict[str, float], reference: dict[str, float]) -> None:
+    for key in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/grad_norm", "actor/lr"):
+        assert ours[key] == pytest.approx(reference[key], rel=STEP_RTOL), key
+
+
+def test_mixed_batch_puts_images_on_one_rank_only(scenario):
+    # The property the next test relies on: ranks differ in whether their micro-batches hold
+    # images, which hangs FSDP unless both issue the same collectives.
+    first, second = (shard[:MICRO_BATCH] for shard in scenario.shards)
+    assert has_images(first) != has_images(second)
+
+
+def test_two_workers_match_one_on_the_first_step(scenario):
+    generated_local, generated_ray = scenario.generated_local, scenario.generated_ray
+    assert torch.equal(generated_ray.batch["responses"], generated_local.batch["responses"])
+    assert list(generated_ray.non_tensor_batch["row_index"]) == list(generated_local.non_tensor_batch["row_index"])
+    for key, local, ray_ in (
+        ("old_log_probs", scenario.old_local, scenario.old_ray),
+        ("entropy", scenario.old_local, scenario.old_ray),
+        ("ref_log_probs", scenario.ref_local, scenario.ref_ray),
+    ):
+        torch.testing.assert_close(ray_.batch[key], local.batch[key], atol=LOG_PROB_ATOL, rtol=0)
+    assert scenario.step1_local["actor/grad_norm"] > 0
+    assert_step_matches(scenario.step1_ray, scenario.step1_local)
+
+
+def test_two_worker_checkpoint_resumes_on_one_worker(scenario):
+    assert (scenario.saves / "two_workers" / "sharded" / ".metadata").is_file()
+    torch.testing.assert_close(scenario.resumed_log_probs, scenario.ray_log_probs, atol=LOG_PROB_ATOL, rtol=0)
+    assert_step_matches(scenario.step2_resumed, scenario.step2_ray)
+    # The optimizer's moments came along: after the second update both still agree closely (a
+    # fresh optimizer moves every weight by about the learning rate and misses this by far).
+    torch.testing.assert_close(scenario.after_step2_resumed, scenario.after_step2_ray, atol=1e-4, rtol=0)
+
+
+def test_one_worker_checkpoint_resumes_on_two_workers(scenario):
+    assert (scenario.saves / "one_worker" / "model.safetensors").is_file()
+    torch.testing.assert_close(scenario.group_from_local, scenario.local_log_probs, atol=LOG_PROB_ATOL, rtol=0)
+    assert_step_matches(scenario.step2_group_from_local, scenario.step2_local)
+
+
+def test_killing_a_worker_mid_step_ends_the_call_with_its_name(scenario):
+    group = scenario.group
+    victim = group.worker_pids[1]
+    long_update = DataProto.concat([scenario.batch] * 4)  # 32 rows: 8 micro-batches per rank
+    long_update.meta_info["mini_batch_size"] = len(long_update)
+    threading.Timer(1.0, os.kill, args=(victim, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=rf"worker rank 1 \(pid {victim}, .*\) died during `update_actor`"):
+        group.update_actor(long_update)
+    assert time.monotonic() - start < 60
+    with pytest.raises(WorkerError, match="stopped earlier"):
+        group.compute_log_probs(scenario.batch)
+
+
+def test_an_exception_in_a_worker_shows_its_traceback(ray_cluster, tiny_world, tmp_path):
+    pool = ResourcePool(nnodes=1, workers_per_node=1, use_gpu=False, cpus_per_worker=1.0)
+    kwargs = {"config": worker_config(tiny_world), "device": "cpu", "need_ref": False, "seed": 0}
+    group = RayWorkerGroup(pool, ActorRolloutRefWorker, kwargs, torch_threads=1, call_timeout_s=120)
+    with pytest.raises(WorkerError) as caught:
+        group.load_checkpoint(str(tmp_path / "missing"))
+    message = str(caught.value)
+    assert f"worker rank 0 (pid {group.worker_pids[0]}" in message and "raised in `load_checkpoint`" in message
+    # The worker's own traceback: its file, its function and the original exception.
+    assert "fsdp_worker.py" in message and "FileNotFoundError" in message
+    assert "training_state.pt" in message
+
+
+def test_a_pool_larger_than_the_cluster_fails_at_once(ray_cluster):
+    pool = ResourcePool(nnodes=1, workers_per_node=3, use_gpu=False, cpus_per_worker=1.0)
+    with pytest.raises(RuntimeError, match=r"needs 1 node\(s\) with \{'CPU': 3.0\} each"):
+        pool.create(timeout_s=5)
+
+
+# --- the whole run through the command line ------------------------------------------------------
+@pytest.mark.slow
+def test_killed_worker_ends_a_ray_run_with_a_clear_error(tiny_world, tmp_path):
+    """`python -m verl.trainer.main trainer.backend=ray` with two CPU workers; rank 1 is killed
+    during the first step and the driver exits with an error naming it."""
+    val = tiny_world / "data/digit_sum/val.parquet"
+    args = [
+        f"data.train_files={val}",
+        f"data.val_files={val}",
+        f"worker.actor.model.model_path={tiny_world / 'models/qwen2_5_vl'}",
+        "data.format_prompt=examples/format_prompt/see_think.jinja",
+        "data.rollout_batch_size=8",
+        "worker.actor.global_batch_size=8",
+        "worker.actor.micro_batch_size_per_device_for_update=2",
+        "worker.rollout.n=4",
+        "data.max_response_length=48",
+        "trainer.logger=[file]",
+        f"trainer.save_checkpoint_path={tmp_path / 'run'}",
+        "trainer.val_before_train=false",
+        "trainer.backend=ray",
+        "trainer.device=cpu",
+        "trainer.n_gpus_per_node=2",
+    ]
+    log_path = tmp_path / "driver.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "verl.trainer.main", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        victim = _wait_for_training(driver, log_path, deadline=time.monotonic() + 300)
+        time.sleep(1.0)  # inside the first step's generation
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        driver.wait(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        driver.kill()
+    text = log_path.read_text()
+    assert driver.returncode != 0
+    assert re.search(rf"WorkerError: worker rank 1 \(pid {victim}, .*\) died during `\w+`", text), text[-3000:]
+
+
+def _wait_for_training(driver: subprocess.Popen, log_path: Path, deadline: float) -> int:
+    """Rank 1's pid, once the workers are built and training has begun."""
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        pid = re.search(r"worker rank 1: pid (\d+)", text)
+        if pid and "model parameters:" in text:
+            return int(pid.group(1))
+        assert driver.poll() is None, f"the run ended before training began:\n{text[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"training did not begin in time:\n{log_path.read_text()[-3000:]}")

@@ -1,0 +1,103 @@
+"""How one worker-group call reaches the workers and how their answers come back.
+
+A worker class marks each method the controller may call with `@register(Dispatch.<MODE>)`:
+
+- `ONE_TO_ALL`: every rank runs it with the same arguments (collective work: building the model,
+  saving, loading); the call returns rank 0's result.
+- `DP_COMPUTE`: the one `DataProto` argument is shared out over the data-parallel ranks (balanced by
+  token count) and the ranks' outputs are put back together in the caller's row order.
+- `RANK_ZERO`: only rank 0 runs it (work that must happen once and needs no collective).
+
+The in-process group ignores the marks (one worker gets everything); the Ray group follows them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+import numpy as np
+
+from verl.protocol import DataProto
+from verl.utils.seqlen_balancing import balanced_dp_order
+
+DISPATCH_ATTR = "_dispatch_mode"
+Method = TypeVar("Method", bound=Callable)
+
+
+class Dispatch(Enum):
+    ONE_TO_ALL = "one_to_all"
+    DP_COMPUTE = "dp_compute"
+    RANK_ZERO = "rank_zero"
+
+
+def register(dispatch_mode: Dispatch) -> Callable[[Method], Method]:
+    """Mark a worker method as callable through a worker group, with how its calls are dispatched."""
+
+    def mark(method: Method) -> Method:
+        setattr(method, DISPATCH_ATTR, dispatch_mode)
+        return method
+
+    return mark
+
+
+def registered_methods(worker_cls: type) -> dict[str, Dispatch]:
+    """Name -> dispatch mode of every `@register`ed method of `worker_cls`."""
+    return {
+        name: getattr(member, DISPATCH_ATTR)
+        for name, member in inspect.getmembers(worker_cls, inspect.isfunction)
+        if hasattr(member, DISPATCH_ATTR)
+    }
+
+
+@dataclass(frozen=True)
+class DataParallelSplit:
+    """How a batch was shared out, so the outputs can be put back in the caller's row order."""
+
+    order: np.ndarray
+    """Row order (of the padded batch) whose consecutive equal chunks went to ranks 0, 1, ..."""
+    pad_size: int
+    """Rows appended so the batch divides by the number of ranks."""
+
+
+def split_by_dp(data: DataProto, dp_size: int) -> tuple[list[DataProto], DataParallelSplit]:
+    """One shard per rank, each with a similar number of tokens (`attention_mask` sums).
+
+    `meta_info["mini_batch_size"]`, when present, marks runs of consecutive rows that form one
+    optimizer step: each run is shared out on its own so every step still sees exactly its rows,
+    and such a batch is never padded (a padded row would count twice in the gradient).
+    """
+    block_size = data.meta_info.get("mini_batch_size")
+    if block_size is None:
+        data, pad_size = data.pad_to_divisor(dp_size)
+    else:
+        pad_size = 0
+    if "attention_mask" in data.batch:
+        token_counts = data.batch["attention_mask"].sum(-1).tolist()
+    else:
+        token_counts = [1] * len(data)
+    order = balanced_dp_order(token_counts, dp_size, block_size)
+    return data.reorder(order).chunk(dp_size), DataParallelSplit(order, pad_size)
+
+
+def merge_from_dp(outputs: list[DataProto], split: DataParallelSplit) -> DataProto:
+    """The ranks' outputs concatenated and put back in the caller's row order, padding removed.
+
+    An output may have several rows per input row (n samples per prompt, kept adjacent); an output
+    without rows (metrics only in `meta_info`) is returned as rank 0 gave it.
+    """
+    merged = DataProto.concat(outputs)
+    if len(merged) == 0:
+        return merged
+    input_rows = len(split.order)
+    if len(merged) % input_rows:
+        raise ValueError(
+            f"merge_from_dp: {len(merged)} output rows are not a whole multiple of {input_rows} input rows"
+        )
+    per_row = len(merged) // input_rows
+    position = np.argsort(split.order)  # where each original row went
+    rows = (position[:, None] * per_row + np.arange(per_row)).reshape(-1)
+    return merged[rows].unpad(split.pad_size * per_row)
