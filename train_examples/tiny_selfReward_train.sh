@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 TINY_WORLD=${TINY_WORLD:-tiny_world}
-COLD_START=${COLD_START:-$TINY_WORLD/cold_start}
+COLD_START=${COLD_START:-$TINY_WORLD/cold_start/model}
 RUN_DIR=${RUN_DIR:-checkpoints/vision_sr1/tiny_self_reward}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=1
 
@@ -17,7 +17,7 @@ if [[ ! -f "$TINY_WORLD/manifest.json" ]]; then
   "$PYTHON" scripts/make_tiny_world.py --out "$TINY_WORLD"
 fi
 if [[ ! -f "$COLD_START/config.json" ]]; then
-  TINY_WORLD="$TINY_WORLD" COLD_START="$COLD_START" bash train_examples/0-tiny_coldstart_sft.sh
+  TINY_WORLD="$TINY_WORLD" COLD_START_DIR="$(dirname "$COLD_START")" bash train_examples/0-tiny_coldstart_sft.sh
 fi
 
 "$PYTHON" -m verl.trainer.main config=examples/tiny_world/self_reward.yaml \

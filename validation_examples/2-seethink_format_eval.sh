@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generate see-think answers of a model on benchmarks into Evaluation/Raw-Outputs/<model>/<benchmark>.jsonl.
 # A rerun resumes: finished ids are skipped. Environment variables (defaults in brackets):
-#   MODEL_PATH   HF folder or checkpoint's global_step_N/actor   [tiny_world/cold_start]
+#   MODEL_PATH   HF folder or checkpoint's global_step_N/actor   [tiny_world/cold_start/model]
 #   MODEL_NAME   output folder name                             [derived from MODEL_PATH]
 #   BENCHMARKS   comma-separated files or name@split            [tiny_world/data/digit_sum/test.parquet]
 #   OUTPUT_DIR   [Evaluation/Raw-Outputs]; FORMAT_PROMPT [examples/format_prompt/see_think.jinja]
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 args=(
-  model_path="${MODEL_PATH:-tiny_world/cold_start}"
+  model_path="${MODEL_PATH:-tiny_world/cold_start/model}"
   benchmarks="[${BENCHMARKS:-tiny_world/data/digit_sum/test.parquet}]"
   output_dir="${OUTPUT_DIR:-Evaluation/Raw-Outputs}"
   format_prompt="${FORMAT_PROMPT:-examples/format_prompt/see_think.jinja}"

@@ -30,7 +30,7 @@ PASSTHROUGH_COLUMNS = ("choices", "question_type")
 
 @dataclass
 class GenerateConfig:
-    model_path: str = "tiny_world/cold_start"
+    model_path: str = "tiny_world/cold_start/model"
     """HF folder or our checkpoint's `global_step_N/actor` folder."""
     model_name: str | None = None
     """Output sub-folder name; default: the model folder's name (parent's name for `actor`)."""
