@@ -89,7 +89,9 @@ class HFRollout(RolloutEngine):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_ids = chunk.batch["input_ids"].to(device)
         attention_mask = chunk.batch["attention_mask"].to(device)
-        kwargs = {k: v.to(device) for k, v in batch_multimodal_inputs(chunk.non_tensor_batch["multi_modal_inputs"]).items()}
+        kwargs = {
+            k: v.to(device) for k, v in batch_multimodal_inputs(chunk.non_tensor_batch["multi_modal_inputs"]).items()
+        }
         image_token_id = getattr(self.model.config, "image_token_id", None)
         if image_token_id is not None:
             kwargs["mm_token_type_ids"] = multimodal_token_types(

