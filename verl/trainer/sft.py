@@ -1,0 +1,484 @@
+"""Cold-start supervised fine-tuning: `python -m verl.trainer.sft config=FILE key=value ...`.
+
+`SFTWorker` holds the model, optimizer and lr schedule: one optimizer step per batch, a forward and
+backward per micro-batch, cross-entropy on assistant tokens only, averaged over the batch's labeled
+tokens. `SFTTrainer` runs the loop: batches from `SFTLoader`, evaluation (loss on held-out
+conversations and a greedy-generation check scored by a reward function), and checkpoints in the RL
+trainer's layout, so RL starts from one with `worker.actor.model.model_path=<...>/global_step_<N>/actor`:
+
+    <save_checkpoint_path>/global_step_<N>/actor/              Hugging Face folder (weights, config,
+                                                               generation config, tokenizer, processor)
+                                                               plus training_state.pt
+    <save_checkpoint_path>/global_step_<N>/eval_metrics.json   the evaluation at step N, when there was one
+    <save_checkpoint_path>/global_step_<N>/trainer_state.json  written last: the checkpoint is complete
+    <save_checkpoint_path>/generations_step_<N>.jsonl          every greedy generation of the check at step N
+
+The trainer reaches the worker only through a worker group; `trainer.backend=local` hosts it in
+this process (CPU or one GPU). A Ray/FSDP group would host the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from verl.models.loading import (
+    load_model,
+    load_tokenizer_and_processor,
+    resolve_attn_implementation,
+    resolve_dtype,
+    vision_tower,
+)
+from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
+from verl.models.positions import compute_position_ids
+from verl.protocol import DataProto
+from verl.trainer.config import ConfigError, OptimConfig, load_config, to_dict
+from verl.trainer.main import configure_threads
+from verl.trainer.sft_config import SFTConfig, SFTModelConfig, SFTOptimConfig
+from verl.utils.checkpoint import latest_checkpoint, remove_old_checkpoints, save_atomically
+from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
+from verl.utils.sft_dataset import IGNORE_INDEX, ConversationEncoder, SFTDataset, SFTLoader
+from verl.utils.timer import timer
+from verl.utils.tracking import Tracker
+from verl.workers.fsdp_worker import TRAINING_STATE, build_lr_scheduler, resolve_device
+from verl.workers.reward import RewardFunction, aggregate_reward_metrics
+from verl.workers.rollout.base import SamplingParams
+from verl.workers.rollout.hf_rollout import HFRollout
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_vision_parts(model: torch.nn.Module, freeze_tower: bool, freeze_projector: bool) -> None:
+    """Stop gradients into the vision encoder and/or its projector (Qwen-VL's `visual.merger`)."""
+    visual = vision_tower(model)
+    if visual is None:
+        if freeze_tower or freeze_projector:
+            logger.info("text-only model: no vision tower or projector to freeze")
+        return
+    projector = getattr(visual, "merger", None)
+    if projector is None:
+        raise ValueError(f"{type(visual).__name__} has no `merger` submodule; cannot tell the projector apart")
+    if freeze_projector:
+        projector.requires_grad_(False)
+    if freeze_tower:
+        for child in visual.children():
+            if child is not projector:
+                child.requires_grad_(False)
+
+
+class SFTWorker:
+    """The model step of SFT: owns the model, optimizer, lr schedule and a generation engine."""
+
+    def __init__(
+        self,
+        model_config: SFTModelConfig,
+        optim_config: SFTOptimConfig,
+        training_steps: int,
+        micro_batch_size: int,
+        generation_batch_size: int = 64,
+        device: str = "auto",
+        seed: int = 1,
+    ) -> None:
+        self.model_config = model_config
+        self.optim_config = optim_config
+        self.training_steps = training_steps
+        self.micro_batch_size = micro_batch_size
+        self.generation_batch_size = generation_batch_size
+        self.device = resolve_device(device)
+        self.seed = seed
+
+    def init_model(self) -> dict[str, int]:
+        cfg = self.model_config
+        torch.manual_seed(self.seed)
+        self.tokenizer, self.processor = load_tokenizer_and_processor(
+            cfg.tokenizer_path or cfg.model_path, cfg.trust_remote_code
+        )
+        attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
+        self.model = load_model(cfg.model_path, resolve_dtype(cfg.torch_dtype), attn, cfg.trust_remote_code)
+        self.model.to(self.device)
+        freeze_vision_parts(self.model, cfg.freeze_vision_tower, cfg.freeze_projector)
+        if cfg.enable_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optim = self.optim_config
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
+        schedule = OptimConfig(
+            lr=optim.lr,
+            lr_scheduler_type=optim.lr_scheduler_type,
+            lr_warmup_ratio=optim.lr_warmup_ratio,
+            lr_warmup_steps=optim.lr_warmup_steps,
+            min_lr_ratio=optim.min_lr_ratio,
+            training_steps=self.training_steps,
+        )
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule)
+        self.rollout = HFRollout(self.model, self.tokenizer, micro_batch_size=self.generation_batch_size)
+        return {
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "trainable_params": sum(p.numel() for p in self.trainable),
+        }
+
+    # --- steps --------------------------------------------------------------------------------
+    def _loss_sum(self, micro: DataProto) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over the labeled tokens of a micro-batch, and their count."""
+        input_ids = micro.batch["input_ids"].to(self.device)
+        attention_mask = micro.batch["attention_mask"].to(self.device)
+        multimodal = batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"])
+        multimodal = {key: value.to(self.device) for key, value in multimodal.items()}
+        position_ids = compute_position_ids(self.model, input_ids, attention_mask, multimodal.get("image_grid_thw"))
+        if position_ids.dim() == 3:  # (b, 3, L) -> Qwen-VL's (3, b, L)
+            position_ids = position_ids.transpose(0, 1)
+        reset_rope_cache(self.model)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **multimodal,
+        ).logits
+        targets = micro.batch["labels"][:, 1:].to(self.device)
+        labeled = targets != IGNORE_INDEX
+        loss = F.cross_entropy(logits[:, :-1][labeled].float(), targets[labeled], reduction="sum")
+        return loss, int(labeled.sum())
+
+    def train_step(self, batch: DataProto) -> dict[str, float]:
+        """One optimizer step on `batch`; the loss is the mean over all its labeled tokens."""
+        self.model.train()
+        label_tokens = int((batch.batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if label_tokens == 0:
+            raise RuntimeError("train_step: the batch has no labeled (assistant) tokens")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in batch.split(self.micro_batch_size):
+            micro_loss, _ = self._loss_sum(micro)
+            # Dividing by the whole batch's count makes the accumulated gradient the batch mean.
+            (micro_loss / label_tokens).backward()
+            loss_sum += float(micro_loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.optim_config.max_grad_norm))
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        return {
+            "train/loss": loss_sum / label_tokens,
+            "train/grad_norm": grad_norm,
+            "train/lr": lr,
+            "train/skipped_step": float(not finite),
+            "train/label_tokens": float(label_tokens),
+            "train/tokens": float(batch.batch["attention_mask"].sum()),
+        }
+
+    @torch.no_grad()
+    def eval_loss(self, batch: DataProto) -> dict[str, float]:
+        """Summed loss and labeled-token count of `batch` (sums, so batches can be combined exactly)."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        try:
+            for micro in batch.split(self.micro_batch_size):
+                micro_loss, micro_tokens = self._loss_sum(micro)
+                loss_sum += float(micro_loss)
+                tokens += micro_tokens
+        finally:
+            self.model.train(was_training)
+        return {"loss_sum": loss_sum, "tokens": float(tokens)}
+
+    def generate_sequences(self, prompts: DataProto) -> DataProto:
+        """Sample with `prompts.meta_info["sampling"]` (a SamplingParams), as the RL worker does."""
+        return self.rollout.generate(prompts, prompts.meta_info["sampling"])
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> None:
+        """A Hugging Face folder (loadable as a model) plus optimizer, scheduler and RNG state in `path`."""
+        os.makedirs(path, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        if self.processor is not None:
+            self.processor.save_pretrained(path)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            os.path.join(path, TRAINING_STATE),
+        )
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore the weights, optimizer, scheduler and RNG saved by `save_checkpoint`."""
+        loaded = load_model(path, next(self.model.parameters()).dtype, "sdpa")
+        self.model.load_state_dict(loaded.state_dict())
+        del loaded
+        state = torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+class SFTTrainer:
+    """The SFT loop: train steps, evaluation, checkpoints and resume, through a worker group."""
+
+    def __init__(
+        self,
+        config: SFTConfig,
+        tokenizer: Any,
+        worker_group: Any,
+        train_loader: SFTLoader,
+        val_loader: SFTLoader | None = None,
+        generation_loader: PromptLoader | None = None,
+        reward_fn: RewardFunction | None = None,
+    ) -> None:
+        if (generation_loader is None) != (reward_fn is None):
+            raise ValueError("SFTTrainer: the generation check needs both generation_loader and reward_fn")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.wg = worker_group
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.generation_loader = generation_loader
+        self.reward_fn = reward_fn
+        self.checkpoint_root = config.trainer.save_checkpoint_path
+        self.global_step = 0
+        self.total_steps = total_training_steps(config, len(train_loader))
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+
+    def fit(self) -> dict[str, float]:
+        """Train to `total_steps`, resuming from the latest checkpoint; returns the last step's metrics."""
+        cfg = self.config.trainer
+        self._resume()
+        self.tracker = Tracker(
+            cfg.logger,
+            cfg.project_name,
+            cfg.experiment_name,
+            to_dict(self.config),
+            self.checkpoint_root,
+            resume=self.global_step > 0,
+        )
+        if cfg.val_before_train and self.global_step == 0:
+            self.tracker.log(self.evaluate(), step=0)
+
+        metrics: dict[str, float] = {}
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc="SFT", disable=None)
+        batches = self._endless_batches()
+        while self.global_step < self.total_steps:
+            timings: dict[str, float] = {}
+            with timer("step", timings):
+                with timer("data", timings):
+                    batch = next(batches)
+                self.global_step += 1
+                with timer("update", timings):
+                    metrics = self.wg.train_step(batch)
+                is_last = self.global_step >= self.total_steps
+                if (cfg.val_freq > 0 and self.global_step % cfg.val_freq == 0) or is_last:
+                    with timer("evaluate", timings):
+                        metrics.update(self.evaluate())
+                if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
+                    with timer("save_checkpoint", timings):
+                        self.save_checkpoint()
+            loader = self.train_loader
+            metrics["train/epoch"] = loader.epoch + loader.batches_done / len(loader)
+            metrics.update({f"timing_s/{name}": seconds for name, seconds in timings.items()})
+            metrics["perf/examples_per_s"] = len(batch) / timings["update"]
+            self.tracker.log(metrics, step=self.global_step)
+            progress.update(1)
+        progress.close()
+        self.tracker.finish()
+        return metrics
+
+    def _endless_batches(self):
+        """Epoch after epoch; the loader's own state says where a resumed run continues."""
+        while True:
+            yield from self.train_loader
+
+    # ================================================================ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """`val/loss` on the held-out conversations and `gen/<component>` of the greedy-generation check."""
+        metrics: dict[str, float] = {}
+        if self.val_loader is not None:
+            loss_sum, tokens = 0.0, 0.0
+            self.val_loader.epoch, self.val_loader.batches_done = 0, 0
+            for batch in self.val_loader:
+                result = self.wg.eval_loss(batch)
+                loss_sum += result["loss_sum"]
+                tokens += result["tokens"]
+            metrics["val/loss"] = loss_sum / tokens
+        if self.generation_loader is not None:
+            metrics.update(self._generation_check())
+        self.last_eval = (self.global_step, metrics)
+        return metrics
+
+    def _generation_check(self) -> dict[str, float]:
+        """Greedy responses to the check's prompts, scored by the reward function; writes them all to a file."""
+        evaluation = self.config.eval
+        sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=evaluation.max_new_tokens)
+        scores: list[dict[str, float]] = []
+        rows: list[dict[str, Any]] = []
+        lengths: list[float] = []
+        loader = self.generation_loader
+        loader.epoch, loader.batches_done = 0, 0
+        for prompts in loader:
+            prompts.meta_info["sampling"] = sampling
+            batch = self.wg.generate_sequences(prompts)
+            response_mask = batch.batch["response_mask"]
+            responses = batch.batch["responses"].masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            nt = batch.non_tensor_batch
+            samples = [
+                {
+                    "response": texts[i],
+                    "response_length": int(response_mask[i].sum()),
+                    "ground_truth": nt["ground_truth"][i],
+                    "question": nt["question"][i],
+                    "description_answers": None,
+                    "extra": nt["extra"][i],
+                }
+                for i in range(len(batch))
+            ]
+            batch_scores = self.reward_fn(samples)
+            scores.extend(batch_scores)
+            lengths.extend(float(sample["response_length"]) for sample in samples)
+            rows.extend(
+                {
+                    "question": sample["question"],
+                    "response": sample["response"],
+                    "ground_truth": sample["ground_truth"],
+                    "score": score,
+                }
+                for sample, score in zip(samples, batch_scores)
+            )
+        loader.epoch, loader.batches_done = 0, 0
+        metrics = {key.replace("reward/", "gen/", 1): value for key, value in aggregate_reward_metrics(scores).items()}
+        metrics["gen/response_length"] = float(np.mean(lengths))
+        self.tracker.log_generations(rows[: evaluation.generations_to_log], step=self.global_step)
+        os.makedirs(self.checkpoint_root, exist_ok=True)
+        path = os.path.join(self.checkpoint_root, f"generations_step_{self.global_step}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return metrics
+
+    # ================================================================ checkpoints
+    def save_checkpoint(self) -> str:
+        def write(folder: str) -> None:
+            self.wg.save_checkpoint(os.path.join(folder, "actor"))
+            if self.last_eval is not None and self.last_eval[0] == self.global_step:
+                with open(os.path.join(folder, "eval_metrics.json"), "w") as f:
+                    json.dump({"global_step": self.global_step, **self.last_eval[1]}, f, indent=2)
+            state = {"global_step": self.global_step, "dataloader": self.train_loader.state_dict()}
+            with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=2)
+
+        path = save_atomically(self.checkpoint_root, self.global_step, write)
+        for removed in remove_old_checkpoints(self.checkpoint_root, self.config.trainer.save_limit):
+            logger.info("removed old checkpoint %s", removed)
+        return path
+
+    def _resume(self) -> None:
+        cfg = self.config.trainer
+        path = cfg.load_checkpoint_path
+        if path is None and cfg.find_last_checkpoint:
+            path = latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            return
+        state_file = os.path.join(path, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(
+                f"trainer.load_checkpoint_path={path}: no trainer_state.json (incomplete checkpoint?)"
+            )
+        with open(state_file) as f:
+            state = json.load(f)
+        self.wg.load_checkpoint(os.path.join(path, "actor"))
+        self.train_loader.load_state_dict(state["dataloader"])
+        self.global_step = state["global_step"]
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def total_training_steps(config: SFTConfig, batches_per_epoch: int) -> int:
+    steps = batches_per_epoch * config.trainer.total_epochs
+    return min(steps, config.trainer.max_steps) if config.trainer.max_steps is not None else steps
+
+
+def build_trainer(config: SFTConfig) -> SFTTrainer:
+    """Data, worker and trainer, built in dependency order."""
+    from verl.single_controller.local import LocalWorkerGroup
+
+    data, model_cfg, evaluation = config.data, config.model, config.eval
+    tokenizer, processor = load_tokenizer_and_processor(
+        model_cfg.tokenizer_path or model_cfg.model_path, model_cfg.trust_remote_code
+    )
+    encoder = ConversationEncoder(tokenizer, processor, data.min_pixels, data.max_pixels)
+    train_set = SFTDataset(data.train_files, encoder, data.max_length, data.image_dir)
+    train_loader = SFTLoader(
+        train_set,
+        data.batch_size,
+        tokenizer.pad_token_id,
+        shuffle=data.shuffle,
+        seed=data.seed,
+        ratios=data.train_ratios,
+        group_by_length=data.group_by_length,
+    )
+    val_loader = None
+    if data.val_files:
+        val_set = SFTDataset(data.val_files, encoder, data.max_length, data.image_dir)
+        val_loader = SFTLoader(val_set, data.batch_size, tokenizer.pad_token_id, shuffle=False, drop_last=False)
+    generation_loader, reward_fn = None, None
+    if evaluation.generation_files is not None:
+        prompt_config = PromptDatasetConfig(
+            prompt_key=evaluation.prompt_key,
+            answer_key=evaluation.answer_key,
+            image_key=evaluation.image_key,
+            format_prompt=evaluation.format_prompt,
+            max_prompt_length=evaluation.max_prompt_length,
+            min_pixels=data.min_pixels,
+            max_pixels=data.max_pixels,
+        )
+        prompts = PromptDataset(evaluation.generation_files, tokenizer, processor, prompt_config)
+        generation_loader = PromptLoader(
+            prompts, evaluation.batch_size, False, data.seed, tokenizer.pad_token_id, drop_last=False
+        )
+        reward_fn = RewardFunction(evaluation.reward_function, evaluation.reward_function_kwargs)
+
+    worker = SFTWorker(
+        model_cfg,
+        config.optim,
+        training_steps=total_training_steps(config, len(train_loader)),
+        micro_batch_size=config.trainer.micro_batch_size,
+        generation_batch_size=evaluation.batch_size,
+        device=config.trainer.device,
+        seed=config.trainer.seed,
+    )
+    worker_group = LocalWorkerGroup(worker)
+    logger.info("model parameters: %s", worker_group.init_model())
+    return SFTTrainer(config, tokenizer, worker_group, train_loader, val_loader, generation_loader, reward_fn)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(argv, SFTConfig)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_threads(config.trainer.torch_threads)
+    logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
+    return build_trainer(config).fit()
+
+
+if __name__ == "__main__":
+    main()

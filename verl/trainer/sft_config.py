@@ -1,0 +1,213 @@
+"""Every configuration of a supervised fine-tuning (cold-start) run, as nested dataclasses.
+
+`examples/sft_config.yaml` mirrors these classes. Values merge as defaults < YAML file < command line
+(`key.sub=value`) through the same `load_config` as the RL trainer; `SFTConfig.validate` checks the
+rules that span keys before any model is loaded.
+
+Defaults: data and model paths point at the tiny world; hyperparameters follow the original
+Vision-SR1 cold start (LLaMA-Factory, full SFT, vision tower and projector frozen, lr 1e-5, 3 epochs,
+cosine with 10% warm-up, cutoff 4092 tokens, images of at most 262144 pixels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from verl.trainer.config import ConfigError
+
+COLD_START_DIR = "tiny_world/data/cold_start"
+
+
+@dataclass
+class SFTDataConfig:
+    train_files: list[str] = field(
+        default_factory=lambda: [
+            f"{COLD_START_DIR}/seethink.json",
+            f"{COLD_START_DIR}/think.json",
+            f"{COLD_START_DIR}/text_only.json",
+        ]
+    )
+    """Training files, mixed: each a sharegpt (`messages` or `conversations`, optional `images`) or alpaca (`instruction`, `input`, `output`) file (.json/.jsonl/.parquet, a folder of them, or `name@split`); the format is detected per file."""
+    train_ratios: list[float] = field(default_factory=list)
+    """Per-file share of each epoch, in the order of `train_files`: 1.0 takes every row once, 0.5 a fresh random half, 2.0 every row twice. Empty: 1.0 for every file."""
+    val_files: list[str] = field(default_factory=lambda: [f"{COLD_START_DIR}/seethink_val.json"])
+    """Held-out files (same formats) for the evaluation loss; empty: no evaluation loss."""
+    image_dir: str | None = None
+    """Folder that relative image paths are resolved against; None: the folder of the data file (LLaMA-Factory's `dataset_dir`)."""
+    max_length: int = 4092
+    """Examples with more tokens (image tokens included) are dropped and counted, never truncated."""
+    min_pixels: int | None = 784
+    """Images smaller than this many pixels are upscaled."""
+    max_pixels: int | None = 262144
+    """Images larger than this many pixels are downscaled (the original cold start's `image_max_pixels`)."""
+    batch_size: int = 128
+    """Examples per optimizer step (the original: 8 per device x 2 accumulation steps x 8 GPUs)."""
+    shuffle: bool = True
+    """Shuffle the training examples each epoch (seeded by `seed`)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding; batches are still visited in random order). Off as in the original: where subsets differ in length, batches would each hold one subset."""
+    seed: int = 1
+    """Seed of the data order and of the per-file sampling."""
+
+
+@dataclass
+class SFTModelConfig:
+    model_path: str = "tiny_world/models/qwen2_5_vl"
+    """Hugging Face folder (or a checkpoint's `actor/` folder) of the model to fine-tune."""
+    tokenizer_path: str | None = None
+    """Defaults to `model_path`."""
+    trust_remote_code: bool = False
+    torch_dtype: str = "fp32"
+    """Parameter (and optimizer-state) dtype: fp32 or bf16."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager or flash_attention_2."""
+    enable_gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    freeze_vision_tower: bool = True
+    """Keep the vision encoder (patch embedding and blocks) fixed, as the original cold start did."""
+    freeze_projector: bool = True
+    """Keep the vision-to-language projector (Qwen-VL's patch merger) fixed, as the original cold start did."""
+
+
+@dataclass
+class SFTOptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    """constant, warmup (linear warm-up then constant) or cosine (after the warm-up)."""
+    lr_warmup_ratio: float = 0.1
+    """Fraction of training steps used for warm-up (ignored when `lr_warmup_steps` >= 0)."""
+    lr_warmup_steps: int = -1
+    min_lr_ratio: float = 0.0
+    """Cosine schedule: final lr as a fraction of `lr`."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm; a step with a non-finite norm is skipped."""
+
+
+@dataclass
+class SFTEvalConfig:
+    generation_files: str | None = "tiny_world/data/digit_sum/test.parquet"
+    """Prompts for the greedy-generation check, in the RL data format (question, answer, images); None: no generation check."""
+    prompt_key: str = "problem"
+    """Column with the question text; `<image>` marks where each image goes."""
+    answer_key: str = "answer"
+    """Column with the ground-truth answer."""
+    image_key: str = "images"
+    """Column with the list of images."""
+    format_prompt: str | None = "examples/format_prompt/see_think.jinja"
+    """Jinja file rendering the user turn from `content` (the question), as in RL; a missing file is an error."""
+    reward_function: str = "examples/reward_function/digit_sum.py:compute_score"
+    """`path/to/file.py:function_name` scoring each greedy response; every score component is reported as `gen/<name>` (digit_sum: accuracy, format, perception)."""
+    reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed to the reward function."""
+    max_prompt_length: int = 4092
+    """Longer prompts (image tokens included) are left out of the check."""
+    max_new_tokens: int = 256
+    """Generation length limit per response."""
+    batch_size: int = 64
+    """Prompts generated at once."""
+    generations_to_log: int = 4
+    """Sample generations sent to the loggers at each evaluation."""
+
+
+@dataclass
+class SFTTrainerConfig:
+    project_name: str = "vision_sr1"
+    experiment_name: str = "cold_start"
+    backend: str = "local"
+    """local (one process, CPU or one GPU). ray (multi-device FSDP) is not wired for SFT yet: the model step lives in `SFTWorker`, the class a Ray worker group would host."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    total_epochs: int = 3
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides total_epochs when smaller)."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward; gradients accumulate over the micro-batches of `data.batch_size`."""
+    logger: list[str] = field(default_factory=lambda: ["console", "file"])
+    """Any of console, file, wandb, tensorboard."""
+    val_freq: int = -1
+    """Evaluate (evaluation loss and generation check) every N steps; -1: only at the end."""
+    val_before_train: bool = False
+    """Also evaluate the starting model (step 0)."""
+    save_freq: int = -1
+    """Save every N steps; -1: only at the end."""
+    save_limit: int = -1
+    """Keep at most this many checkpoints; -1 keeps all."""
+    save_checkpoint_path: str | None = None
+    """Default: checkpoints/<project_name>/<experiment_name>."""
+    load_checkpoint_path: str | None = None
+    """Resume from this `global_step_N` folder (default: the latest one under save_checkpoint_path)."""
+    find_last_checkpoint: bool = True
+    """Resume from the latest complete checkpoint under save_checkpoint_path when there is one."""
+    seed: int = 1
+    """Seed of everything random in the model step."""
+    torch_threads: int | None = None
+    """CPU threads for torch; None leaves torch's default."""
+
+
+@dataclass
+class SFTConfig:
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.trainer.save_checkpoint_path is None:
+            self.trainer.save_checkpoint_path = os.path.join(
+                "checkpoints", self.trainer.project_name, self.trainer.experiment_name
+            )
+
+    def validate(self) -> None:
+        """Check rules that span keys; raises ConfigError naming the key and the rule."""
+        data, model, optim, evaluation, trainer = self.data, self.model, self.optim, self.eval, self.trainer
+        _require(len(data.train_files) > 0, "data.train_files", "needs at least one file")
+        _require(
+            not data.train_ratios or len(data.train_ratios) == len(data.train_files),
+            "data.train_ratios",
+            f"has {len(data.train_ratios)} values for {len(data.train_files)} train_files (give one per file, or none)",
+        )
+        _require(all(r > 0 for r in data.train_ratios), "data.train_ratios", "every ratio must be positive")
+        _require(data.batch_size > 0, "data.batch_size", "must be positive")
+        _require(data.max_length > 0, "data.max_length", "must be positive")
+        _require(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
+        _require(model.torch_dtype in ("fp32", "bf16"), "model.torch_dtype", "must be fp32 or bf16")
+        _require(
+            optim.lr_scheduler_type in ("constant", "warmup", "cosine"),
+            "optim.lr_scheduler_type",
+            "must be constant, warmup or cosine",
+        )
+        _require(
+            trainer.backend == "local",
+            "trainer.backend",
+            "must be local (ray, multi-device FSDP, is not wired for SFT yet; SFTWorker is the class its workers would host)",
+        )
+        _require(trainer.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+        _require(trainer.total_epochs > 0, "trainer.total_epochs", "must be positive")
+        for name in trainer.logger:
+            _require(
+                name in ("console", "file", "wandb", "tensorboard"),
+                "trainer.logger",
+                f"unknown logger {name!r} (console, file, wandb, tensorboard)",
+            )
+        if evaluation.generation_files is not None:
+            _require(
+                ":" in evaluation.reward_function,
+                "eval.reward_function",
+                "must look like path/to/file.py:function_name",
+            )
+            if evaluation.format_prompt is not None:
+                _require(
+                    os.path.isfile(evaluation.format_prompt),
+                    "eval.format_prompt",
+                    f"file not found: {evaluation.format_prompt}",
+                )
+
+
+def _require(condition: bool, key: str, rule: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key `{key}`: {rule}")
