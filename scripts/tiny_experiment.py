@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,10 @@ VARIANTS = {
     "self_reward_decoupled": {
         "format": "examples/format_prompt/see_think.jinja",
         "reward": "examples/reward_function/see_think_self_reward.py:compute_score",
-        "extra": ["algorithm.advantage_mode=decoupled", "algorithm.decoupled_weights={accuracy: 0.9, format: 0.1, visual: 1.0}"],
+        "extra": [
+            "algorithm.advantage_mode=decoupled",
+            "algorithm.decoupled_weights={accuracy: 0.9, format: 0.1, visual: 1.0}",
+        ],
     },
 }
 SEE_THINK = "examples/format_prompt/see_think.jinja"
@@ -82,7 +86,9 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
         ds = PromptDataset(test, tokenizer, processor, PromptDatasetConfig(format_prompt=prompt_file))
         texts = []
         for start in range(0, min(limit, len(ds)), 128):
-            batch = collate_prompts([ds[i] for i in range(start, min(start + 128, limit, len(ds)))], tokenizer.pad_token_id)
+            batch = collate_prompts(
+                [ds[i] for i in range(start, min(start + 128, limit, len(ds)))], tokenizer.pad_token_id
+            )
             out = engine.generate(batch, greedy)
             ids = out.batch["responses"].masked_fill(out.batch["response_mask"] == 0, tokenizer.pad_token_id)
             texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -93,7 +99,9 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
     accuracy = statistics.mean(grade_answer(extract_boxed(r), t) for r, t in zip(own, truths))
     see_think, _ = answers(SEE_THINK) if format_prompt != SEE_THINK else (own, ds)
     stage = SelfRewardStage(
-        SelfRewardConfig(enable="true", prompt_template="examples/format_prompt/perception_prompt.jinja"), tokenizer, True
+        SelfRewardConfig(enable="true", prompt_template="examples/format_prompt/perception_prompt.jinja"),
+        tokenizer,
+        True,
     )
     questions = [ds[i]["question"] for i in range(len(see_think))]
     result = stage.run(see_think, questions, truths, lambda p: engine.generate(p, p.meta_info["sampling"]), greedy)
@@ -110,10 +118,12 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
     }
 
 
-def train(variant: str, seed: int, steps: int, cold_start: str, world: Path, run_dir: Path) -> float:
+def train(variant: str, seed: int, steps: int, cold_start: str, world: Path, run_dir: Path, jobs: int) -> float:
     spec = VARIANTS[variant]
     args = [
-        "-m", "verl.trainer.main", "config=examples/tiny_world/self_reward.yaml",
+        "-m",
+        "verl.trainer.main",
+        "config=examples/tiny_world/self_reward.yaml",
         f"data.train_files={world / 'data/digit_sum/train.parquet'}",
         f"data.val_files={world / 'data/digit_sum/val.parquet'}",
         f"data.format_prompt={spec['format']}",
@@ -123,12 +133,16 @@ def train(variant: str, seed: int, steps: int, cold_start: str, world: Path, run
         f"trainer.max_steps={steps}",
         f"trainer.val_freq={max(steps // 3, 1)}",
         f"trainer.save_freq={steps}",
-        f"trainer.seed={seed}", f"data.seed={seed}", f"worker.rollout.seed={seed}",
+        f"trainer.seed={seed}",
+        f"data.seed={seed}",
+        f"worker.rollout.seed={seed}",
         "trainer.logger=[file]",
         *spec["extra"],
     ]
     start = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
     subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.time() - start
 
@@ -140,6 +154,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one torch thread each)")
     parser.add_argument("--eval_limit", type=int, default=256, help="test questions evaluated")
     parser.add_argument("--runs", type=Path, default=ROOT / "checkpoints/tiny_experiment")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
@@ -150,16 +165,20 @@ def main() -> None:
     for variant in args.variants:
         fmt = VARIANTS[variant]["format"]
         results["cold_start"][variant] = evaluate(cold_start, args.world, fmt, args.eval_limit)
-    for variant in args.variants:
-        results[variant] = {}
-        for seed in args.seeds:
-            run_dir = args.runs / f"{variant}_seed{seed}"
-            seconds = train(variant, seed, args.steps, cold_start, args.world, run_dir)
-            model = str(run_dir / f"global_step_{args.steps}" / "actor")
-            metrics = evaluate(model, args.world, VARIANTS[variant]["format"], args.eval_limit)
-            metrics["train_seconds"] = seconds
-            results[variant][seed] = metrics
-            print(variant, seed, json.dumps(metrics), flush=True)
+    runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+
+    def train_one(run: tuple[str, int]) -> float:
+        variant, seed = run
+        return train(variant, seed, args.steps, cold_start, args.world, args.runs / f"{variant}_seed{seed}", args.jobs)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        seconds = dict(zip(runs, pool.map(train_one, runs)))
+    for variant, seed in runs:
+        model = str(args.runs / f"{variant}_seed{seed}" / f"global_step_{args.steps}" / "actor")
+        metrics = evaluate(model, args.world, VARIANTS[variant]["format"], args.eval_limit)
+        metrics["train_seconds"] = seconds[(variant, seed)]
+        results.setdefault(variant, {})[seed] = metrics
+        print(variant, seed, json.dumps(metrics), flush=True)
     (args.out / "tiny_world_experiment.json").write_text(json.dumps(results, indent=2))
     write_report(results, args)
 
