@@ -64,9 +64,7 @@ def run_variant(world: Path, steps: int, overrides: list[str], threads: int) -> 
         peak = float(result.stdout.split("PEAK_RSS_MIB")[-1].split()[0])
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     measured = rows[1:] if len(rows) > 1 else rows  # the first step includes warm-up
-    summary = {
-        stage: statistics.median(r.get(f"timing_s/{stage}", 0.0) for r in measured) for stage in STAGES
-    }
+    summary = {stage: statistics.median(r.get(f"timing_s/{stage}", 0.0) for r in measured) for stage in STAGES}
     summary["tokens/s"] = statistics.median(r["perf/tokens_per_s"] for r in measured)
     summary["gen tokens/s"] = statistics.median(r.get("perf/gen_tokens_per_s", 0.0) for r in measured)
     summary["peak RSS MiB"] = peak

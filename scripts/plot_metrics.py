@@ -1,6 +1,6 @@
 """Summarise a run's metrics.jsonl and plot its reward curves to a PNG.
 
-    python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curves.png
+python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] --out curves.png
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def summarise(run_dir: Path, rows: list[dict[str, float]]) -> str:
         lines.append(f"  {key:32s} first {first:.3f}  last {last:.3f}")
     val = [r for r in rows if "val/reward/overall" in r]
     for key in reward_keys(val, "val/"):
-        lines.append(f"  {key:32s} first {val[0][key]:.3f}  last {val[-1][key]:.3f}  (steps {val[0]['step']}..{val[-1]['step']})")
+        lines.append(
+            f"  {key:32s} first {val[0][key]:.3f}  last {val[-1][key]:.3f}  (steps {val[0]['step']}..{val[-1]['step']})"
+        )
     return "\n".join(lines)
 
 

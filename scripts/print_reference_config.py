@@ -1,6 +1,6 @@
 """Print the reference YAML of every config key, with each field's docstring as a comment.
 
-    python scripts/print_reference_config.py > examples/config.yaml
+python scripts/print_reference_config.py > examples/config.yaml
 """
 
 from __future__ import annotations

@@ -80,8 +80,13 @@ def _keys(tree, prefix=""):
 
 def test_reference_yaml_mirrors_dataclasses():
     reference = yaml.safe_load((ROOT / "examples" / "config.yaml").read_text())
-    derived = {"worker.actor.use_kl_loss", "worker.actor.kl_penalty", "worker.actor.kl_coef",
-               "worker.rollout.prompt_length", "worker.rollout.response_length"}
+    derived = {
+        "worker.actor.use_kl_loss",
+        "worker.actor.kl_penalty",
+        "worker.actor.kl_coef",
+        "worker.rollout.prompt_length",
+        "worker.rollout.response_length",
+    }
     assert _keys(reference) == _keys(to_dict(PPOConfig())) - derived
     # and it loads as a config file
     load_config([f"config={ROOT / 'examples' / 'config.yaml'}"])
@@ -89,7 +94,10 @@ def test_reference_yaml_mirrors_dataclasses():
 
 def test_reference_yaml_is_generated_from_the_code():
     printed = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "print_reference_config.py")], capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "scripts" / "print_reference_config.py")],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert printed.strip() == (ROOT / "examples" / "config.yaml").read_text().strip(), (
         "examples/config.yaml is stale: python scripts/print_reference_config.py > examples/config.yaml"

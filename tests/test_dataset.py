@@ -35,7 +35,10 @@ def png(width=28, height=28, color=(255, 0, 0)) -> bytes:
 def test_digit_sum_prompt_has_image_tokens_and_ground_truth(tiny_world, vl):
     tokenizer, processor = vl
     ds = PromptDataset(
-        str(tiny_world / "data/digit_sum/val.parquet"), tokenizer, processor, PromptDatasetConfig(format_prompt=SEE_THINK)
+        str(tiny_world / "data/digit_sum/val.parquet"),
+        tokenizer,
+        processor,
+        PromptDatasetConfig(format_prompt=SEE_THINK),
     )
     item = ds[0]
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -127,7 +130,12 @@ def test_overlong_prompts_are_filtered_not_truncated(tmp_path, vl):
     assert len(ds) == 1 and ds.num_filtered == 1
     assert ds[0]["ground_truth"] == "1"
     with pytest.raises(DataError, match=r"row 1: prompt has \d+ tokens > max_prompt_length=40"):
-        PromptDataset(path, tokenizer, processor, PromptDatasetConfig(max_prompt_length=40, filter_overlong_prompts=False, max_pixels=224 * 224))
+        PromptDataset(
+            path,
+            tokenizer,
+            processor,
+            PromptDatasetConfig(max_prompt_length=40, filter_overlong_prompts=False, max_pixels=224 * 224),
+        )
 
 
 def test_missing_format_prompt_is_an_error(tiny_world, vl):

@@ -1,7 +1,6 @@
 """The self-reward stage: description extraction, the leak fix, text-only prompts, alignment of
 second-pass answers with their responses, skipping when unused, and both advantage modes."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -115,10 +114,22 @@ def test_stage_is_skipped_when_no_reward_needs_it(worker, tmp_path):
 def test_visual_reward_uses_the_aligned_answers():
     reward = RewardFunction("examples/reward_function/see_think_self_reward.py:compute_score")
     samples = [
-        {"response": RESPONSES[0], "response_length": 10, "ground_truth": "8", "question": QUESTION,
-         "description_answers": ["<think>3+5</think> \\boxed{8}", "\\boxed{7}"], "extra": {}},
-        {"response": RESPONSES[1], "response_length": 10, "ground_truth": "8", "question": QUESTION,
-         "description_answers": None, "extra": {}},
+        {
+            "response": RESPONSES[0],
+            "response_length": 10,
+            "ground_truth": "8",
+            "question": QUESTION,
+            "description_answers": ["<think>3+5</think> \\boxed{8}", "\\boxed{7}"],
+            "extra": {},
+        },
+        {
+            "response": RESPONSES[1],
+            "response_length": 10,
+            "ground_truth": "8",
+            "question": QUESTION,
+            "description_answers": None,
+            "extra": {},
+        },
     ]
     scores = reward(samples)
     assert scores[0]["visual"] == 0.5 and scores[1]["visual"] == 0.0

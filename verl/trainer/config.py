@@ -359,12 +359,15 @@ class PPOConfig:
         _require(0 <= actor.clip_ratio_low < 1, "worker.actor.clip_ratio_low", "must be in [0, 1)")
         _require(actor.clip_ratio_high >= 0, "worker.actor.clip_ratio_high", "must be >= 0")
         _require(
-            actor.loss_agg_mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+            actor.loss_agg_mode
+            in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
             "worker.actor.loss_agg_mode",
             "must be one of token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm",
         )
         _require(
-            actor.optim.strategy in ("adamw", "adamw_bf16"), "worker.actor.optim.strategy", "must be adamw or adamw_bf16"
+            actor.optim.strategy in ("adamw", "adamw_bf16"),
+            "worker.actor.optim.strategy",
+            "must be adamw or adamw_bf16",
         )
         _require(
             actor.optim.lr_scheduler_type in ("constant", "warmup", "cosine"),
@@ -414,9 +417,7 @@ class PPOConfig:
             "must be batch or sequential",
         )
         if data.format_prompt is not None:
-            _require(
-                os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}"
-            )
+            _require(os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}")
 
 
 def _derived_keys(cls: type, prefix: str = "") -> list[str]:

@@ -238,9 +238,7 @@ class PPOTrainer:
 
     def _decode(self, batch: DataProto) -> list[str]:
         responses = batch.batch["responses"].masked_fill(batch.batch["response_mask"] == 0, self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(
-            responses, skip_special_tokens=self.config.worker.reward.skip_special_tokens
-        )
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=self.config.worker.reward.skip_special_tokens)
 
     def _score(self, batch: DataProto, reward_fn: RewardFunction) -> list[dict[str, float]]:
         nt = batch.non_tensor_batch
@@ -372,7 +370,9 @@ class PPOTrainer:
             return
         state_file = os.path.join(path, "trainer_state.json")
         if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"trainer.load_checkpoint_path={path}: no trainer_state.json (incomplete checkpoint?)")
+            raise FileNotFoundError(
+                f"trainer.load_checkpoint_path={path}: no trainer_state.json (incomplete checkpoint?)"
+            )
         with open(state_file) as f:
             state = json.load(f)
         self.wg.load_checkpoint(os.path.join(path, "actor"))

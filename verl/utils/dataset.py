@@ -211,9 +211,7 @@ class PromptDataset(torch.utils.data.Dataset):
         size = image_processor.size
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-        height, width = smart_resize(
-            image.height, image.width, factor, size["shortest_edge"], size["longest_edge"]
-        )
+        height, width = smart_resize(image.height, image.width, factor, size["shortest_edge"], size["longest_edge"])
         return (height // factor) * (width // factor)
 
     def _scan(self) -> tuple[list[int], int, int]:
@@ -301,7 +299,13 @@ class PromptLoader:
     """
 
     def __init__(
-        self, dataset: PromptDataset, batch_size: int, shuffle: bool, seed: int, pad_token_id: int, drop_last: bool = True
+        self,
+        dataset: PromptDataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        pad_token_id: int,
+        drop_last: bool = True,
     ) -> None:
         if batch_size > len(dataset) and drop_last:
             raise DataError(f"{dataset.spec}: batch size {batch_size} exceeds the {len(dataset)} usable rows")

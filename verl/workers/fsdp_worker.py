@@ -115,7 +115,10 @@ class ActorRolloutRefWorker:
         self.ref_actor = DataParallelActor(self.config.actor, self.ref_model) if self.ref_model is not None else None
         rollout_cfg = self.config.rollout
         self.rollout = get_rollout_engine(rollout_cfg.name)(
-            model=self.model, tokenizer=self.tokenizer, processor=self.processor, config=rollout_cfg,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            processor=self.processor,
+            config=rollout_cfg,
             micro_batch_size=rollout_cfg.micro_batch_size,
         )
         sizes = {

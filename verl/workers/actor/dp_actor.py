@@ -28,7 +28,9 @@ def forward_response_logits(
     if position_ids.dim() == 3:  # stored (b, 3, L); Qwen-VL expects (3, b, L)
         position_ids = position_ids.transpose(0, 1)
     device = next(model.parameters()).device
-    multimodal = {k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()}
+    multimodal = {
+        k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()
+    }
     reset_rope_cache(model)
     output = model(
         input_ids=micro.batch["input_ids"].to(device),
