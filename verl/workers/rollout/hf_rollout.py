@@ -109,14 +109,11 @@ class HFRollout(RolloutEngine):
             pad_token_id=self.pad_token_id,
             use_cache=True,
             suppress_tokens=self.suppressed_token_ids or None,
-        )
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
             return_dict_in_generate=True,
             output_logits=sampling.return_log_probs,
-            **kwargs,
+        )
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs
         )
         reset_rope_cache(self.model)
         new_tokens = output.sequences[:, input_ids.shape[1] :]
