@@ -44,7 +44,7 @@ from verl.protocol import DataProto
 from verl.trainer.config import ConfigError, OptimConfig, load_config, to_dict
 from verl.trainer.main import configure_threads
 from verl.trainer.sft_config import SFTConfig, SFTModelConfig, SFTOptimConfig
-from verl.utils.checkpoint import latest_checkpoint, remove_old_checkpoints, save_atomically
+from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
 from verl.utils.sft_dataset import IGNORE_INDEX, ConversationEncoder, SFTDataset, SFTLoader
 from verl.utils.timer import timer
@@ -380,28 +380,16 @@ class SFTTrainer:
                 with open(os.path.join(folder, "eval_metrics.json"), "w") as f:
                     json.dump({"global_step": self.global_step, **self.last_eval[1]}, f, indent=2)
             state = {"global_step": self.global_step, "dataloader": self.train_loader.state_dict()}
-            with open(os.path.join(folder, "trainer_state.json"), "w") as f:
-                json.dump(state, f, indent=2)
+            write_trainer_state(folder, state)
 
-        path = save_atomically(self.checkpoint_root, self.global_step, write)
-        for removed in remove_old_checkpoints(self.checkpoint_root, self.config.trainer.save_limit):
-            logger.info("removed old checkpoint %s", removed)
-        return path
+        return save_and_prune(self.checkpoint_root, self.global_step, self.config.trainer.save_limit, write)
 
     def _resume(self) -> None:
         cfg = self.config.trainer
-        path = cfg.load_checkpoint_path
-        if path is None and cfg.find_last_checkpoint:
-            path = latest_checkpoint(self.checkpoint_root)
-        if path is None:
+        found = find_resume_checkpoint(self.checkpoint_root, cfg.load_checkpoint_path, cfg.find_last_checkpoint)
+        if found is None:
             return
-        state_file = os.path.join(path, "trainer_state.json")
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(
-                f"trainer.load_checkpoint_path={path}: no trainer_state.json (incomplete checkpoint?)"
-            )
-        with open(state_file) as f:
-            state = json.load(f)
+        path, state = found
         self.wg.load_checkpoint(os.path.join(path, "actor"))
         self.train_loader.load_state_dict(state["dataloader"])
         self.global_step = state["global_step"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -9,6 +11,7 @@ from collections.abc import Callable
 
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 TRACKER_FILE = "latest_global_step.txt"
+logger = logging.getLogger(__name__)
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -58,3 +61,31 @@ def remove_old_checkpoints(root: str, keep: int) -> list[str]:
         shutil.rmtree(path)
         removed.append(path)
     return removed
+
+
+def write_trainer_state(folder: str, state: dict) -> None:
+    """The file that marks a checkpoint complete: write it last."""
+    with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+
+
+def save_and_prune(root: str, step: int, keep: int, write: Callable[[str], None]) -> str:
+    """`save_atomically`, then keep only the newest `keep` checkpoints (keep <= 0 keeps all)."""
+    path = save_atomically(root, step, write)
+    for removed in remove_old_checkpoints(root, keep):
+        logger.info("removed old checkpoint %s", removed)
+    return path
+
+
+def find_resume_checkpoint(root: str, load_path: str | None, find_last: bool) -> tuple[str, dict] | None:
+    """The checkpoint to resume from (explicit path, else the latest under `root`) and its trainer state."""
+    path = load_path
+    if path is None and find_last:
+        path = latest_checkpoint(root)
+    if path is None:
+        return None
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"trainer.load_checkpoint_path={path}: no trainer_state.json (incomplete checkpoint?)")
+    with open(state_file) as f:
+        return path, json.load(f)
