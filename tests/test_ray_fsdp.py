@@ -190,7 +190,8 @@ def scenario(tiny_world, ray_cluster, tmp_path_factory):
     out.local_log_probs = local.compute_log_probs(batch).batch["old_log_probs"]
     out.step2_local = local.update_actor(batch).meta_info["metrics"]
     out.step2_group_from_local = group.update_actor(batch).meta_info["metrics"]
-    return out
+    yield out
+    group.shutdown()
 
 
 def assert_step_matches(ours: dict[str, float], reference: dict[str, float]) -> None:
@@ -234,15 +235,38 @@ def test_one_worker_checkpoint_resumes_on_two_workers(scenario):
     assert_step_matches(scenario.step2_group_from_local, scenario.step2_local)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def kill_once_busy(pid: int, busy_s: float, call_done: threading.Event) -> None:
+    """SIGKILL `pid` once it has spent `busy_s` CPU seconds since now, i.e. provably inside the
+    call, however fast the machine; never after the call has returned."""
+    start = cpu_seconds(pid)
+    while not call_done.wait(0.05):
+        if cpu_seconds(pid) - start >= busy_s:
+            os.kill(pid, signal.SIGKILL)
+            return
+
+
 def test_killing_a_worker_mid_step_ends_the_call_with_its_name(scenario):
     group = scenario.group
     victim = group.worker_pids[1]
-    long_update = DataProto.concat([scenario.batch] * 4)  # 32 rows: 8 micro-batches per rank
+    long_update = DataProto.concat([scenario.batch] * 16)  # 128 rows: 32 micro-batches per rank
     long_update.meta_info["mini_batch_size"] = len(long_update)
-    threading.Timer(1.0, os.kill, args=(victim, signal.SIGKILL)).start()
+    call_done = threading.Event()
+    killer = threading.Thread(target=kill_once_busy, args=(victim, 0.5, call_done))
+    killer.start()
     start = time.monotonic()
-    with pytest.raises(WorkerError, match=rf"worker rank 1 \(pid {victim}, .*\) died during `update_actor`"):
-        group.update_actor(long_update)
+    try:
+        with pytest.raises(WorkerError, match=rf"worker rank 1 \(pid {victim}, .*\) died during `update_actor`"):
+            group.update_actor(long_update)
+    finally:
+        call_done.set()
+        killer.join()
+        group.shutdown()  # frees the slots for the next tests even when this one fails
     assert time.monotonic() - start < 60
     with pytest.raises(WorkerError, match="stopped earlier"):
         group.compute_log_probs(scenario.batch)

@@ -217,9 +217,12 @@ class RayWorkerGroup:
         return merge_from_dp(self._gather(refs, method, self.call_timeout_s), split)
 
     def shutdown(self) -> None:
-        """Stop every worker and free the slots."""
+        """Stop every worker and free the slots; calling it again does nothing."""
+        if self.stopped_because is None:
+            self.stopped_because = "it was shut down"
         for host in self.hosts:
             ray.kill(host, no_restart=True)
+        self.hosts = []
         self.resource_pool.remove()
 
     # --- waiting -------------------------------------------------------------------------------
