@@ -118,7 +118,13 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
     }
 
 
-def train(variant: str, seed: int, steps: int, cold_start: str, world: Path, run_dir: Path, jobs: int) -> float:
+def train(variant: str, seed: int, steps: int, cold_start: str, world: Path, run_dir: Path, jobs: int) -> float | None:
+    """Train one run and return its wall time; a run whose final checkpoint exists is not trained
+    again (its recorded time is returned, or None when there is none)."""
+    seconds_file = run_dir / "train_seconds.txt"
+    if (run_dir / f"global_step_{steps}" / "trainer_state.json").is_file():
+        print(f"{run_dir.name}: finished earlier; reusing its checkpoint", flush=True)
+        return float(seconds_file.read_text()) if seconds_file.is_file() else None
     spec = VARIANTS[variant]
     args = [
         "-m",
@@ -144,7 +150,9 @@ def train(variant: str, seed: int, steps: int, cold_start: str, world: Path, run
     if jobs > 1:
         env["OMP_NUM_THREADS"] = "1"
     subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.time() - start
+    seconds = time.time() - start
+    seconds_file.write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def main() -> None:
@@ -167,7 +175,7 @@ def main() -> None:
         results["cold_start"][variant] = evaluate(cold_start, args.world, fmt, args.eval_limit)
     runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
 
-    def train_one(run: tuple[str, int]) -> float:
+    def train_one(run: tuple[str, int]) -> float | None:
         variant, seed = run
         return train(variant, seed, args.steps, cold_start, args.world, args.runs / f"{variant}_seed{seed}", args.jobs)
 

@@ -140,7 +140,7 @@ def test_an_image_example_and_a_text_example_train_in_one_batch(tiny_world, tmp_
 
     worker = _worker(model_dir, freeze_vision_tower=False, freeze_projector=False)
     patch_embedding = worker.model.model.visual.patch_embed.proj.weight.detach().clone()
-    metrics = worker.train_step(batch)
+    metrics = worker.train_step(batch).meta_info["metrics"]
     assert math.isfinite(metrics["train/loss"]) and metrics["train/skipped_step"] == 0.0
     assert metrics["train/label_tokens"] == sum(1 for e in examples for label in e.labels[1:] if label != IGNORE_INDEX)
     # The image row's loss reached the vision tower through the mixed batch.
@@ -152,7 +152,7 @@ def test_batch_loss_is_the_mean_over_labeled_tokens_of_hf_per_example_losses(tin
     examples = [encoder.encode(c) for c in read_conversations(path, str(_cold_start(tiny_world)))]
     examples[1].labels[-3] = IGNORE_INDEX  # unequal label counts make a wrong weighting visible
     worker = _worker(model_dir)
-    result = worker.eval_loss(collate_examples(examples, encoder.tokenizer.pad_token_id))
+    result = worker.eval_loss(collate_examples(examples, encoder.tokenizer.pad_token_id)).batch
 
     expected_sum, expected_tokens = 0.0, 0
     for example in examples:  # one row each: no padding; transformers shifts labels itself
@@ -161,7 +161,7 @@ def test_batch_loss_is_the_mean_over_labeled_tokens_of_hf_per_example_losses(tin
         grid = example.multi_modal_inputs["image_grid_thw"]
         positions = compute_position_ids(worker.model, single.batch["input_ids"], single.batch["attention_mask"], grid)
         with torch.no_grad():
-            loss, _ = worker._loss_sum(single)
+            loss = worker._row_losses(single)[0].sum()
             hf_loss = worker.model(
                 input_ids=single.batch["input_ids"],
                 position_ids=positions.transpose(0, 1),
@@ -171,8 +171,8 @@ def test_batch_loss_is_the_mean_over_labeled_tokens_of_hf_per_example_losses(tin
         torch.testing.assert_close(loss / count, hf_loss, rtol=1e-4, atol=1e-5)
         expected_sum += float(loss)
         expected_tokens += count
-    assert result["tokens"] == expected_tokens
-    assert result["loss_sum"] == pytest.approx(expected_sum, rel=1e-5)
+    assert result["label_tokens"].sum() == expected_tokens
+    assert float(result["loss_sum"].sum()) == pytest.approx(expected_sum, rel=1e-5)
 
 
 # ---------------------------------------------------------------- data order
@@ -236,7 +236,7 @@ def test_loss_decreases_over_twenty_steps(tiny_world, tmp_path, encoder, model_d
     losses = []
     while len(losses) < 20:
         for batch in loader:
-            losses.append(worker.train_step(batch)["train/loss"])
+            losses.append(worker.train_step(batch).meta_info["metrics"]["train/loss"])
     assert np.mean(losses[-3:]) < 0.5 * losses[0]
 
 
@@ -359,7 +359,11 @@ def test_reference_sft_yaml_is_generated_from_the_code():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.backend=ray", "not wired for SFT yet"),
+        ("trainer.backend=torchrun", "must be local or ray"),
+        (
+            "trainer.backend=ray trainer.n_gpus_per_node=3",
+            r"data.batch_size`: \(128\) must divide evenly over the 3 workers",
+        ),
         ("data.train_ratios=[1.0]", "1 values for 3 train_files"),
         ("data.train_ratios=[1.0,0.0,1.0]", "every ratio must be positive"),
         ("eval.format_prompt=missing.jinja", "file not found: missing.jinja"),
@@ -367,7 +371,7 @@ def test_reference_sft_yaml_is_generated_from_the_code():
 )
 def test_bad_config_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config([override], SFTConfig)
+        load_config(override.split(), SFTConfig)
 
 
 # ---------------------------------------------------------------- the LLaMA-Factory route

@@ -263,6 +263,28 @@ class RayWorkerGroup:
         raise WorkerError(f"{reason}\nAll {self.world_size} workers were stopped; the run cannot continue.") from cause
 
 
+def start_worker_group(
+    worker_cls: type,
+    worker_kwargs: dict[str, Any],
+    nnodes: int,
+    workers_per_node: int,
+    device: str,
+    torch_threads: int | None = None,
+) -> RayWorkerGroup:
+    """Ray (joined or started), a pool of `nnodes` x `workers_per_node` slots and one `worker_cls`
+    per slot, built with `worker_kwargs` plus the resolved `device` (auto: cuda when the cluster
+    has GPUs). CPU workers share a node's cores, one torch thread per core they hold."""
+    init_ray(nnodes)
+    cluster = ray.cluster_resources()
+    if device == "auto":
+        device = "cuda" if cluster.get("GPU", 0) > 0 else "cpu"
+    on_gpu = device == "cuda"
+    cpus_per_worker = 1.0 if on_gpu else cluster.get("CPU", 1.0) / (nnodes * workers_per_node)
+    threads = torch_threads or (None if on_gpu else max(1, int(cpus_per_worker)))
+    pool = ResourcePool(nnodes, workers_per_node, use_gpu=on_gpu, cpus_per_worker=cpus_per_worker)
+    return RayWorkerGroup(pool, worker_cls, {**worker_kwargs, "device": device}, torch_threads=threads)
+
+
 def _death_reason(exc: RayActorError) -> str:
     """Ray's summary line and its reason line (exit type, OOM hints), without the actor's ids."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from verl.trainer.config import ConfigError, PPOConfig, load_config, to_dict
 
@@ -88,28 +90,33 @@ def build_worker_group(config: PPOConfig, backend: str):
 
         return LocalWorkerGroup(ActorRolloutRefWorker(device=trainer.device, **worker_kwargs))
 
-    import ray
+    from verl.single_controller.ray import start_worker_group
 
-    from verl.single_controller.ray import RayWorkerGroup, ResourcePool, init_ray
-
-    init_ray(trainer.nnodes)
-    cluster = ray.cluster_resources()
-    device = trainer.device
-    if device == "auto":
-        device = "cuda" if cluster.get("GPU", 0) > 0 else "cpu"
-    world = trainer.nnodes * trainer.n_gpus_per_node
-    # CPU workers share the cores (one torch thread per core they hold); GPU workers hold one core each.
-    cpus_per_worker = 1.0 if device == "cuda" else cluster.get("CPU", 1.0) / world
-    threads = trainer.torch_threads or (None if device == "cuda" else max(1, int(cpus_per_worker)))
-    pool = ResourcePool(
-        trainer.nnodes, trainer.n_gpus_per_node, use_gpu=device == "cuda", cpus_per_worker=cpus_per_worker
+    return start_worker_group(
+        ActorRolloutRefWorker,
+        worker_kwargs,
+        trainer.nnodes,
+        trainer.n_gpus_per_node,
+        trainer.device,
+        trainer.torch_threads,
     )
-    return RayWorkerGroup(pool, ActorRolloutRefWorker, {"device": device, **worker_kwargs}, torch_threads=threads)
 
 
-def ray_connected() -> bool:
+def _ray_connected() -> bool:
     ray = sys.modules.get("ray")  # never imported: nothing touched Ray
     return ray is not None and ray.is_initialized()
+
+
+@contextmanager
+def stop_ray_started_here() -> Iterator[None]:
+    """Shut Ray down on the way out (its workers, and a local Ray instance) if this block started
+    it; a caller's own Ray session is left alone."""
+    caller_uses_ray = _ray_connected()
+    try:
+        yield
+    finally:
+        if _ray_connected() and not caller_uses_ray:
+            sys.modules["ray"].shutdown()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -122,13 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(2) from None
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
-    caller_uses_ray = ray_connected()
-    try:
+    with stop_ray_started_here():
         return build_trainer(config).fit()
-    finally:
-        if ray_connected() and not caller_uses_ray:
-            # Stop the workers (and a local Ray instance) this run started.
-            sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

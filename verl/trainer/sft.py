@@ -13,8 +13,10 @@ trainer's layout, so RL starts from one with `worker.actor.model.model_path=<...
     <save_checkpoint_path>/global_step_<N>/trainer_state.json  written last: the checkpoint is complete
     <save_checkpoint_path>/generations_step_<N>.jsonl          every greedy generation of the check at step N
 
-The trainer reaches the worker only through a worker group; `trainer.backend=local` hosts it in
-this process (CPU or one GPU). A Ray/FSDP group would host the same class.
+The trainer reaches the worker only through a worker group: `trainer.backend=local` hosts one in
+this process (CPU or one GPU); `trainer.backend=ray` hosts one per device (`trainer.nnodes` x
+`trainer.n_gpus_per_node`; CPU processes sharing the cores when there is no GPU), FSDP-sharded,
+each taking an equal share of every batch.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import logging
 import math
 import os
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
 from verl.models.loading import (
@@ -41,20 +46,25 @@ from verl.models.loading import (
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.models.positions import compute_position_ids
 from verl.protocol import DataProto
+from verl.single_controller.dispatch import Dispatch, register
 from verl.trainer.config import ConfigError, OptimConfig, load_config, to_dict
-from verl.trainer.main import configure_threads
+from verl.trainer.main import configure_threads, stop_ray_started_here
 from verl.trainer.sft_config import SFTConfig, SFTModelConfig, SFTOptimConfig
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
 from verl.utils.sft_dataset import IGNORE_INDEX, ConversationEncoder, SFTDataset, SFTLoader
 from verl.utils.timer import timer
 from verl.utils.tracking import Tracker
+from verl.workers import fsdp_utils
 from verl.workers.fsdp_worker import TRAINING_STATE, build_lr_scheduler, resolve_device
 from verl.workers.reward import RewardFunction, aggregate_reward_metrics
 from verl.workers.rollout.base import SamplingParams
 from verl.workers.rollout.hf_rollout import HFRollout
 
 logger = logging.getLogger(__name__)
+
+SHARDED_OPTIMIZER_DIR = "optimizer_sharded"
+"""Sub-folder of a checkpoint written by several workers: their optimizer states (torch.distributed.checkpoint)."""
 
 
 def freeze_vision_parts(model: torch.nn.Module, freeze_tower: bool, freeze_projector: bool) -> None:
@@ -76,7 +86,12 @@ def freeze_vision_parts(model: torch.nn.Module, freeze_tower: bool, freeze_proje
 
 
 class SFTWorker:
-    """The model step of SFT: owns the model, optimizer, lr schedule and a generation engine."""
+    """The model step of SFT: owns the model, optimizer, lr schedule and a generation engine.
+
+    The same class runs in-process (`trainer.backend=local`) and as one Ray actor per device
+    (`ray`); with several workers (or on a GPU) the model is sharded with FSDP2, exactly as the RL
+    worker's actor is (verl.workers.fsdp_utils).
+    """
 
     def __init__(
         self,
@@ -95,19 +110,17 @@ class SFTWorker:
         self.generation_batch_size = generation_batch_size
         self.device = resolve_device(device)
         self.seed = seed
+        self.rank, self.world_size = fsdp_utils.init_distributed(self.device)
+        self.sharded = dist.is_initialized()
 
+    @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> dict[str, int]:
         cfg = self.model_config
         torch.manual_seed(self.seed)
         self.tokenizer, self.processor = load_tokenizer_and_processor(
             cfg.tokenizer_path or cfg.model_path, cfg.trust_remote_code
         )
-        attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
-        self.model = load_model(cfg.model_path, resolve_dtype(cfg.torch_dtype), attn, cfg.trust_remote_code)
-        self.model.to(self.device)
-        freeze_vision_parts(self.model, cfg.freeze_vision_tower, cfg.freeze_projector)
-        if cfg.enable_gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self._build_model()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optim = self.optim_config
         self.optimizer = torch.optim.AdamW(
@@ -124,13 +137,42 @@ class SFTWorker:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule)
         self.rollout = HFRollout(self.model, self.tokenizer, micro_batch_size=self.generation_batch_size)
         return {
+            # Sharded parameters report their full size.
             "params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in self.trainable),
         }
 
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.model_config
+        dtype = resolve_dtype(cfg.torch_dtype)
+        attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
+
+        def prepare(model: torch.nn.Module) -> None:
+            freeze_vision_parts(model, cfg.freeze_vision_tower, cfg.freeze_projector)
+            if cfg.enable_gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        if not self.sharded:
+            model = load_model(cfg.model_path, dtype, attn, cfg.trust_remote_code)
+            prepare(model)
+            return model.to(self.device)
+        return fsdp_utils.build_sharded_model(
+            cfg.model_path,
+            dtype,
+            attn,
+            cfg.trust_remote_code,
+            self.device,
+            fsdp_utils.build_device_mesh(self.device, fsdp_size=-1),
+            # Computes in the loaded dtype (model.torch_dtype); gradients are reduced in it too.
+            MixedPrecisionPolicy(),
+            full_shard=True,
+            prepare=prepare,
+        )
+
     # --- steps --------------------------------------------------------------------------------
-    def _loss_sum(self, micro: DataProto) -> tuple[torch.Tensor, int]:
-        """Summed next-token cross-entropy over the labeled tokens of a micro-batch, and their count."""
+    def _row_losses(self, micro: DataProto) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of a micro-batch: summed next-token cross-entropy over its labeled tokens, and
+        their count."""
         input_ids = micro.batch["input_ids"].to(self.device)
         attention_mask = micro.batch["attention_mask"].to(self.device)
         multimodal = batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"])
@@ -148,68 +190,97 @@ class SFTWorker:
         ).logits
         targets = micro.batch["labels"][:, 1:].to(self.device)
         labeled = targets != IGNORE_INDEX
-        loss = F.cross_entropy(logits[:, :-1][labeled].float(), targets[labeled], reduction="sum")
-        return loss, int(labeled.sum())
+        # Only labeled positions go to fp32: a full (rows, length, vocab) fp32 copy can be tens of GB.
+        token_losses = F.cross_entropy(logits[:, :-1][labeled].float(), targets[labeled], reduction="none")
+        row_of_token = labeled.nonzero()[:, 0]
+        losses = torch.zeros(len(micro), device=token_losses.device).index_add(0, row_of_token, token_losses)
+        return losses, labeled.sum(-1)
 
-    def train_step(self, batch: DataProto) -> dict[str, float]:
-        """One optimizer step on `batch`; the loss is the mean over all its labeled tokens."""
+    @register(Dispatch.DP_COMPUTE)
+    def train_step(self, batch: DataProto) -> DataProto:
+        """One optimizer step on `batch` (this rank's share of it); the loss is the mean over all
+        the batch's labeled tokens, on every rank together. Metrics in `meta_info["metrics"]`."""
         self.model.train()
-        label_tokens = int((batch.batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        label_tokens = fsdp_utils.sum_across_ranks(float((batch.batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
         if label_tokens == 0:
             raise RuntimeError("train_step: the batch has no labeled (assistant) tokens")
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in batch.split(self.micro_batch_size):
-            micro_loss, _ = self._loss_sum(micro)
-            # Dividing by the whole batch's count makes the accumulated gradient the batch mean.
-            (micro_loss / label_tokens).backward()
+            micro_loss = self._row_losses(micro)[0].sum()
+            # Dividing by the whole batch's count makes the accumulated gradient the batch mean; data-
+            # parallel reduction averages over ranks, so scale back up by their number.
+            (micro_loss * (self.world_size / label_tokens)).backward()
             loss_sum += float(micro_loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.optim_config.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.optim_config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
-        return {
-            "train/loss": loss_sum / label_tokens,
+        metrics = {
+            "train/loss": fsdp_utils.sum_across_ranks(loss_sum) / label_tokens,
             "train/grad_norm": grad_norm,
             "train/lr": lr,
             "train/skipped_step": float(not finite),
-            "train/label_tokens": float(label_tokens),
-            "train/tokens": float(batch.batch["attention_mask"].sum()),
+            "train/label_tokens": label_tokens,
+            "train/tokens": fsdp_utils.sum_across_ranks(float(batch.batch["attention_mask"].sum())),
         }
+        return DataProto.from_dict(meta_info={"metrics": metrics})
 
+    @register(Dispatch.DP_COMPUTE)
     @torch.no_grad()
-    def eval_loss(self, batch: DataProto) -> dict[str, float]:
-        """Summed loss and labeled-token count of `batch` (sums, so batches can be combined exactly)."""
+    def eval_loss(self, batch: DataProto) -> DataProto:
+        """`loss_sum` and `label_tokens` of every row of `batch` (sums, so any rows combine exactly)."""
         was_training = self.model.training
         self.model.eval()
-        loss_sum, tokens = 0.0, 0
+        sums, counts = [], []
         try:
             for micro in batch.split(self.micro_batch_size):
-                micro_loss, micro_tokens = self._loss_sum(micro)
-                loss_sum += float(micro_loss)
-                tokens += micro_tokens
+                losses, tokens = self._row_losses(micro)
+                sums.append(losses.cpu())
+                counts.append(tokens.cpu())
         finally:
             self.model.train(was_training)
-        return {"loss_sum": loss_sum, "tokens": float(tokens)}
+            if self.sharded:
+                fsdp_utils.release_gathered(self.model)
+        return DataProto.from_dict(
+            tensors={"loss_sum": torch.cat(sums).double(), "label_tokens": torch.cat(counts).double()}
+        )
 
+    @register(Dispatch.DP_COMPUTE)
     def generate_sequences(self, prompts: DataProto) -> DataProto:
         """Sample with `prompts.meta_info["sampling"]` (a SamplingParams), as the RL worker does."""
-        return self.rollout.generate(prompts, prompts.meta_info["sampling"])
+        gathered = fsdp_utils.gathered_parameters(self.model, full_shard=True) if self.sharded else nullcontext()
+        with gathered:
+            return self.rollout.generate(prompts, prompts.meta_info["sampling"])
 
     # --- checkpoints -------------------------------------------------------------------------
+    @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
-        """A Hugging Face folder (loadable as a model) plus optimizer, scheduler and RNG state in `path`."""
+        """A Hugging Face folder (loadable as a model, however many workers trained it) plus the
+        lr schedule and RNG in `training_state.pt`. The optimizer state goes there too from one
+        worker; several write it sharded to `optimizer_sharded/`."""
+        weights, optimizer_state = fsdp_utils.full_state(self.model, None if self.world_size > 1 else self.optimizer)
+        if self.world_size > 1:
+            fsdp_utils.save_sharded(
+                os.path.join(path, SHARDED_OPTIMIZER_DIR), self.model, self.optimizer, weights=False
+            )
+        if self.rank != 0:
+            return
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
+        # Hand over the gathered weights: a sharded model's own state dict holds only this rank's shards.
+        self.model.save_pretrained(path, state_dict=weights if self.sharded else None, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         if self.processor is not None:
             self.processor.save_pretrained(path)
         torch.save(
             {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -217,13 +288,21 @@ class SFTWorker:
             os.path.join(path, TRAINING_STATE),
         )
 
+    @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
-        """Restore the weights, optimizer, scheduler and RNG saved by `save_checkpoint`."""
-        loaded = load_model(path, next(self.model.parameters()).dtype, "sdpa")
-        self.model.load_state_dict(loaded.state_dict())
-        del loaded
+        """Restore what `save_checkpoint` wrote, from any number of workers into any number."""
         state = torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharded_optimizer = os.path.join(path, SHARDED_OPTIMIZER_DIR)
+        weights = {}
+        if self.rank == 0:  # rank 0 reads the folder and hands every rank its shards
+            weights = load_model(path, next(self.model.parameters()).dtype, "sdpa").state_dict()
+        if os.path.isdir(sharded_optimizer):
+            fsdp_utils.load_full_state(self.model, None, weights, None)
+            fsdp_utils.load_sharded(sharded_optimizer, self.model, self.optimizer, weights=False)
+        else:
+            fsdp_utils.load_full_state(
+                self.model, self.optimizer, weights, state["optimizer"] if self.rank == 0 else {}
+            )
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -282,7 +361,9 @@ class SFTTrainer:
                     batch = next(batches)
                 self.global_step += 1
                 with timer("update", timings):
-                    metrics = self.wg.train_step(batch)
+                    # One optimizer step on exactly these rows: data-parallel ranks share them, never pad them.
+                    batch.meta_info["mini_batch_size"] = len(batch)
+                    metrics = self.wg.train_step(batch).meta_info["metrics"]
                 is_last = self.global_step >= self.total_steps
                 if (cfg.val_freq > 0 and self.global_step % cfg.val_freq == 0) or is_last:
                     with timer("evaluate", timings):
@@ -313,9 +394,9 @@ class SFTTrainer:
             loss_sum, tokens = 0.0, 0.0
             self.val_loader.epoch, self.val_loader.batches_done = 0, 0
             for batch in self.val_loader:
-                result = self.wg.eval_loss(batch)
-                loss_sum += result["loss_sum"]
-                tokens += result["tokens"]
+                result = self.wg.eval_loss(batch).batch
+                loss_sum += float(result["loss_sum"].sum())
+                tokens += float(result["label_tokens"].sum())
             metrics["val/loss"] = loss_sum / tokens
         if self.generation_loader is not None:
             metrics.update(self._generation_check())
@@ -441,16 +522,28 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
         )
         reward_fn = RewardFunction(evaluation.reward_function, evaluation.reward_function_kwargs)
 
-    worker = SFTWorker(
-        model_cfg,
-        config.optim,
-        training_steps=total_training_steps(config, len(train_loader)),
-        micro_batch_size=config.trainer.micro_batch_size,
-        generation_batch_size=evaluation.batch_size,
-        device=config.trainer.device,
-        seed=config.trainer.seed,
-    )
-    worker_group = LocalWorkerGroup(worker)
+    worker_kwargs = {
+        "model_config": model_cfg,
+        "optim_config": config.optim,
+        "training_steps": total_training_steps(config, len(train_loader)),
+        "micro_batch_size": config.trainer.micro_batch_size,
+        "generation_batch_size": evaluation.batch_size,
+        "seed": config.trainer.seed,
+    }
+    trainer_cfg = config.trainer
+    if trainer_cfg.backend == "local":
+        worker_group = LocalWorkerGroup(SFTWorker(device=trainer_cfg.device, **worker_kwargs))
+    else:
+        from verl.single_controller.ray import start_worker_group
+
+        worker_group = start_worker_group(
+            SFTWorker,
+            worker_kwargs,
+            trainer_cfg.nnodes,
+            trainer_cfg.n_gpus_per_node,
+            trainer_cfg.device,
+            trainer_cfg.torch_threads,
+        )
     logger.info("model parameters: %s", worker_group.init_model())
     return SFTTrainer(config, tokenizer, worker_group, train_loader, val_loader, generation_loader, reward_fn)
 
@@ -465,7 +558,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(2) from None
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
-    return build_trainer(config).fit()
+    with stop_ray_started_here():
+        return build_trainer(config).fit()
 
 
 if __name__ == "__main__":

@@ -118,9 +118,13 @@ class SFTTrainerConfig:
     project_name: str = "vision_sr1"
     experiment_name: str = "cold_start"
     backend: str = "local"
-    """local (one process, CPU or one GPU). ray (multi-device FSDP) is not wired for SFT yet: the model step lives in `SFTWorker`, the class a Ray worker group would host."""
+    """local: one worker in this process (CPU or one GPU). ray: one FSDP worker per device, nnodes x n_gpus_per_node of them (on CPU: processes sharing the cores)."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    nnodes: int = 1
+    """Nodes of the Ray cluster (backend=ray)."""
+    n_gpus_per_node: int = 1
+    """Workers per node (backend=ray): one per GPU, or CPU processes when device=cpu."""
     total_epochs: int = 3
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides total_epochs when smaller)."""
@@ -181,10 +185,14 @@ class SFTConfig:
             "optim.lr_scheduler_type",
             "must be constant, warmup or cosine",
         )
+        _require(trainer.backend in ("local", "ray"), "trainer.backend", "must be local or ray")
+        _require(trainer.nnodes > 0, "trainer.nnodes", "must be positive")
+        _require(trainer.n_gpus_per_node > 0, "trainer.n_gpus_per_node", "must be positive")
+        workers = trainer.nnodes * trainer.n_gpus_per_node if trainer.backend == "ray" else 1
         _require(
-            trainer.backend == "local",
-            "trainer.backend",
-            "must be local (ray, multi-device FSDP, is not wired for SFT yet; SFTWorker is the class its workers would host)",
+            data.batch_size % workers == 0,
+            "data.batch_size",
+            f"({data.batch_size}) must divide evenly over the {workers} workers (trainer.nnodes x trainer.n_gpus_per_node)",
         )
         _require(trainer.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
         _require(trainer.total_epochs > 0, "trainer.total_epochs", "must be positive")

@@ -180,6 +180,17 @@ def release_gathered(model: torch.nn.Module) -> None:
         unit.reshard()
 
 
+def sum_across_ranks(value: float) -> float:
+    """`value` summed over all ranks (itself when not distributed)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
 def all_reduce_metrics(metrics: dict[str, float], summed: Collection[str]) -> dict[str, float]:
     """Whole-batch metrics from every rank's share: keys in `summed` (losses already normalised by
     the global token count) add up over ranks; the others are averaged."""
@@ -256,41 +267,52 @@ class CPUOffload:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def save_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its own shards of the weights and optimizer states (torch.distributed.checkpoint)."""
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+def save_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: bool = True) -> None:
+    """Every rank writes its own shards of the optimizer states, and of the weights unless
+    `weights` is False (torch.distributed.checkpoint)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    if weights:
+        state["model"] = get_model_state_dict(model)
     dcp.save(state, checkpoint_id=path)
 
 
-def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a `save_sharded` folder into `model` and `optimizer`, whatever the number of ranks that
-    wrote it and the number reading it (one plain process included)."""
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: bool = True) -> None:
+    """Load a `save_sharded` folder into `optimizer` (and `model` with `weights`), whatever the
+    number of ranks that wrote it and the number reading it (one plain process included)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    if weights:
+        state["model"] = get_model_state_dict(model)
     with warnings.catch_warnings():
         # One plain process reading a multi-worker save is intended; torch warns about it.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
+    if weights:
+        set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Unsharded weights and optimizer state (keyed by parameter name), on the CPU of rank 0
-    (other ranks get empty dicts). Works on plain modules too."""
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, object] | None]:
+    """Unsharded weights and optimizer state (keyed by parameter name; None without `optimizer`),
+    on the CPU of rank 0 (other ranks get empty dicts). Works on plain modules too."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    weights = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return weights, None
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_full_state(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, object],
+    optimizer_state: dict[str, object] | None,
 ) -> None:
-    """Load unsharded weights and optimizer state (as from `full_state`) into a plain or sharded
-    model; when distributed, only rank 0's dicts are read and the others may be empty."""
+    """Load unsharded weights and optimizer state (as from `full_state`; the optimizer is skipped
+    when None) into a plain or sharded model; when distributed, only rank 0's dicts are read and
+    the others may be empty."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state or {}, options=options)

@@ -16,6 +16,7 @@ from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.protocol import DataProto
 from verl.trainer import core_algos
 from verl.trainer.config import ActorConfig
+from verl.workers import fsdp_utils
 
 
 def forward_response_logits(
@@ -48,16 +49,6 @@ def forward_response_logits(
 
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def _sum_across_ranks(value: float) -> float:
-    if dist.is_available() and dist.is_initialized():
-        tensor = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor)
-        return float(tensor.item())
-    return value
 
 
 ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss")
@@ -113,8 +104,8 @@ class DataParallelActor:
             for mini in data.split(mini_batch_size):
                 mask = mini.batch["response_mask"]
                 # Normalise by the whole mini-batch (over all ranks) so accumulation equals one big batch.
-                global_tokens = _sum_across_ranks(float(mask.sum()))
-                global_seqs = _sum_across_ranks(float(len(mini)))
+                global_tokens = fsdp_utils.sum_across_ranks(float(mask.sum()))
+                global_seqs = fsdp_utils.sum_across_ranks(float(len(mini)))
                 agg = {"global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": response_length}
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_metrics: dict[str, list[float]] = defaultdict(list)
