@@ -6,9 +6,15 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from verl.models.multimodal import batch_multimodal_inputs, multimodal_token_ids, reset_rope_cache
-from verl.models.positions import compute_position_ids, multimodal_token_types
+from verl.models.positions import multimodal_token_types
 from verl.protocol import DataProto
-from verl.workers.rollout.base import RolloutEngine, SamplingParams, register_rollout_engine
+from verl.workers.rollout.base import (
+    RolloutEngine,
+    SamplingParams,
+    eos_token_ids,
+    register_rollout_engine,
+    rollout_output,
+)
 
 
 def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -30,13 +36,7 @@ class HFRollout(RolloutEngine):
         self.model = model
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(tokenizer.eos_token_id)
-        if not eos_ids:
-            raise ValueError("the model's generation config and tokenizer define no EOS token")
-        self.eos_token_ids = eos_ids
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id
         self.suppressed_token_ids = multimodal_token_ids(model.config)
 
@@ -60,29 +60,8 @@ class HFRollout(RolloutEngine):
         response_ids = torch.cat(responses).cpu()
         response_mask = response_mask_from_eos(response_ids, self.eos_token_ids)
         response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
-        prompt_ids = batch.batch["input_ids"]
-        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-        attention_mask = torch.cat([batch.batch["attention_mask"], response_mask], dim=1)
-        image_grid_thw = batch_multimodal_inputs(batch.non_tensor_batch["multi_modal_inputs"]).get("image_grid_thw")
-        position_ids = compute_position_ids(
-            self.model, input_ids, attention_mask, image_grid_thw, prompt_length=prompt_ids.shape[1]
-        )
-        tensors = {}
-        if sampling.return_log_probs:
-            tensors["rollout_log_probs"] = torch.cat(log_probs).cpu() * response_mask
-        return DataProto.from_dict(
-            tensors={
-                **tensors,
-                "prompts": prompt_ids,
-                "responses": response_ids,
-                "response_mask": response_mask,
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "position_ids": position_ids,
-            },
-            non_tensors=batch.non_tensor_batch,
-            meta_info=dict(prompts.meta_info),
-        )
+        log_probs = torch.cat(log_probs).cpu() * response_mask if sampling.return_log_probs else None
+        return rollout_output(self.model, batch, response_ids, response_mask, log_probs, dict(prompts.meta_info))
 
     def _generate_chunk(
         self, chunk: DataProto, sampling: SamplingParams, device: torch.device

@@ -28,10 +28,15 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
-from verl.models.multimodal import batch_multimodal_inputs, multimodal_token_ids
-from verl.models.positions import compute_position_ids
+from verl.models.multimodal import multimodal_token_ids
 from verl.protocol import DataProto
-from verl.workers.rollout.base import RolloutEngine, SamplingParams, register_rollout_engine
+from verl.workers.rollout.base import (
+    RolloutEngine,
+    SamplingParams,
+    eos_token_ids,
+    register_rollout_engine,
+    rollout_output,
+)
 from verl.workers.rollout.vllm_weights import actor_weights, check_landing, check_vllm_version, load_in_worker
 
 if TYPE_CHECKING:
@@ -42,17 +47,6 @@ logger = logging.getLogger(__name__)
 # vLLM clamps logit biases to [-100, 100]. Next to real logits (tens at most) a -100 bias leaves a
 # token a probability below e^-70: never sampled, like the hf engine's suppressed tokens.
 SUPPRESSING_LOGIT_BIAS = -100.0
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The generation config's EOS ids plus the tokenizer's, as the hf engine stops on."""
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the model's generation config and tokenizer define no EOS token")
-    return ids
 
 
 def collapse_image_placeholders(token_ids: list[int], image_token_id: int) -> list[int]:
@@ -269,30 +263,6 @@ class VLLMRollout(RolloutEngine):
                 if sampling.return_log_probs:
                     chosen = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
                     log_probs[row * n + j, : len(tokens)] = torch.tensor(chosen, dtype=torch.float32)
+        log_probs = log_probs if sampling.return_log_probs else None
         batch = prompts.repeat(n, interleave=True)
-        prompt_ids = batch.batch["input_ids"]
-        input_ids = torch.cat([prompt_ids, responses], dim=1)
-        attention_mask = torch.cat([batch.batch["attention_mask"], response_mask], dim=1)
-        multi_modal_inputs = batch.non_tensor_batch.get("multi_modal_inputs")
-        grids = (
-            batch_multimodal_inputs(multi_modal_inputs).get("image_grid_thw")
-            if multi_modal_inputs is not None
-            else None
-        )
-        position_ids = compute_position_ids(
-            self.model, input_ids, attention_mask, grids, prompt_length=prompt_ids.shape[1]
-        )
-        tensors = {"rollout_log_probs": log_probs} if sampling.return_log_probs else {}
-        return DataProto.from_dict(
-            tensors={
-                **tensors,
-                "prompts": prompt_ids,
-                "responses": responses,
-                "response_mask": response_mask,
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "position_ids": position_ids,
-            },
-            non_tensors=batch.non_tensor_batch,
-            meta_info=dict(prompts.meta_info),
-        )
+        return rollout_output(self.model, batch, responses, response_mask, log_probs, dict(prompts.meta_info))
