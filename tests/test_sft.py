@@ -521,7 +521,9 @@ if not torch.cuda.is_available():
 parser = HfArgumentParser([ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments])
 model_args, data_args, training_args, finetuning_args, _ = parser.parse_dict(config, allow_extra_keys=False)
 datasets = get_dataset_list(data_args.dataset, sys.argv[2])
-print(json.dumps({"datasets": {d.dataset_name: d.formatting for d in datasets}, "lr": training_args.learning_rate}))
+# A file-based entry's dataset_name is its file name.
+entries = {name: [d.dataset_name, d.formatting] for name, d in zip(data_args.dataset, datasets)}
+print(json.dumps({"datasets": entries, "lr": training_args.learning_rate}))
 """
 
 
@@ -530,7 +532,7 @@ def _llama_factory_python() -> str:
         return sys.executable
     python = os.environ.get("LLAMAFACTORY_PYTHON")
     if python:
-        return python
+        return os.path.abspath(python)  # the check runs in a temporary folder
     pytest.skip(
         "llamafactory is not importable here and LLAMAFACTORY_PYTHON is unset: LLaMA-Factory 0.9.5 requires "
         "transformers<=5.6.0 and datasets<=4.0.0, which conflict with this project's transformers 5.19.0 and "
@@ -555,7 +557,8 @@ def test_llama_factory_parser_accepts_our_yaml_and_dataset_info(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     parsed = json.loads(result.stdout.strip().splitlines()[-1])
-    assert parsed["datasets"] == {name: entry["formatting"] for name, entry in _dataset_info().items()}
+    expected = {name: [entry["file_name"], entry["formatting"]] for name, entry in _dataset_info().items()}
+    assert parsed["datasets"] == expected
     assert parsed["lr"] == 1e-5
 
 
