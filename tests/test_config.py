@@ -46,6 +46,7 @@ def test_derived_fields_follow_their_source():
         (["worker.rollout.n=1"], r"`worker\.rollout\.n`.*group"),
         (["trainer.logger=[console,mlflow]"], r"`trainer\.logger`.*mlflow"),
         (["trainer.n_gpus_per_node=2", "trainer.backend=local"], r"`trainer\.backend`"),
+        (["trainer.worker_call_timeout_s=0"], r"`trainer\.worker_call_timeout_s`.*positive"),
         (["data.format_prompt=/no/such/file.jinja"], r"`data\.format_prompt`.*not found"),
         (["worker.reward.reward_function=reward.py"], r"`worker\.reward\.reward_function`"),
         (["oops"], r"key=value"),

@@ -23,7 +23,7 @@ import torch
 from verl.protocol import DataProto
 from verl.single_controller.dispatch import Dispatch, merge_from_dp, register, registered_methods, split_by_dp
 from verl.single_controller.local import LocalWorkerGroup
-from verl.single_controller.ray import RayWorkerGroup, ResourcePool, WorkerError
+from verl.single_controller.ray import RayWorkerGroup, ResourcePool, WorkerError, start_worker_group
 from verl.trainer.config import WorkerConfig
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
@@ -283,6 +283,18 @@ def test_an_exception_in_a_worker_shows_its_traceback(ray_cluster, tiny_world, t
     # The worker's own traceback: its file, its function and the original exception.
     assert "fsdp_worker.py" in message and "FileNotFoundError" in message
     assert "training_state.pt" in message
+
+
+def test_a_call_past_its_deadline_stops_the_group_naming_the_late_rank(ray_cluster, tiny_world):
+    # Built as the trainers build it, so trainer.worker_call_timeout_s reaches the group. Loading
+    # a model takes far longer than 10 ms on any machine.
+    kwargs = {"config": worker_config(tiny_world), "need_ref": False, "seed": 0}
+    group = start_worker_group(ActorRolloutRefWorker, kwargs, 1, 1, "cpu", torch_threads=1, call_timeout_s=0.01)
+    assert group.call_timeout_s == 0.01
+    with pytest.raises(WorkerError, match=r"`init_model` did not finish within 0\.01s on worker rank\(s\) \[0\]"):
+        group.init_model()
+    with pytest.raises(WorkerError, match="stopped earlier"):
+        group.init_model()
 
 
 def test_a_pool_larger_than_the_cluster_fails_at_once(ray_cluster):

@@ -236,7 +236,7 @@ class RayWorkerGroup:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 late = sorted(rank_of[ref] for ref in pending)
-                self._stop(f"`{method}` did not finish within {timeout_s:.0f}s on worker rank(s) {late}")
+                self._stop(f"`{method}` did not finish within {timeout_s:g}s on worker rank(s) {late}")
             ready, pending = ray.wait(pending, num_returns=1, timeout=min(remaining, POLL_S))
             for ref in ready:
                 rank = rank_of[ref]
@@ -270,6 +270,8 @@ def start_worker_group(
     workers_per_node: int,
     device: str,
     torch_threads: int | None = None,
+    setup_timeout_s: float = SETUP_TIMEOUT_S,
+    call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> RayWorkerGroup:
     """Ray (joined or started), a pool of `nnodes` x `workers_per_node` slots and one `worker_cls`
     per slot, built with `worker_kwargs` plus the resolved `device` (auto: cuda when the cluster
@@ -282,7 +284,14 @@ def start_worker_group(
     cpus_per_worker = 1.0 if on_gpu else cluster.get("CPU", 1.0) / (nnodes * workers_per_node)
     threads = torch_threads or (None if on_gpu else max(1, int(cpus_per_worker)))
     pool = ResourcePool(nnodes, workers_per_node, use_gpu=on_gpu, cpus_per_worker=cpus_per_worker)
-    return RayWorkerGroup(pool, worker_cls, {**worker_kwargs, "device": device}, torch_threads=threads)
+    return RayWorkerGroup(
+        pool,
+        worker_cls,
+        {**worker_kwargs, "device": device},
+        torch_threads=threads,
+        call_timeout_s=call_timeout_s,
+        setup_timeout_s=setup_timeout_s,
+    )
 
 
 def _death_reason(exc: RayActorError) -> str:

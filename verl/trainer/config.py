@@ -301,6 +301,10 @@ class TrainerConfig:
     """Seed of model init, sampling and everything else random."""
     torch_threads: int | None = None
     """CPU threads for torch; None leaves torch's default."""
+    worker_setup_timeout_s: float = 300.0
+    """backend=ray: the longest placing the workers, starting them and joining their process group may take."""
+    worker_call_timeout_s: float = 3600.0
+    """backend=ray: the longest one worker-group call (a whole generation, a whole update) may take; past it the run stops with an error naming the late workers."""
 
 
 @dataclass
@@ -389,6 +393,8 @@ class PPOConfig:
             f"must be > 1 for the group-based estimator {algo.adv_estimator}",
         )
         _require(trainer.backend in ("auto", "local", "ray"), "trainer.backend", "must be auto, local or ray")
+        _require(trainer.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
+        _require(trainer.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
         _require(trainer.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
         _require(
             trainer.backend != "local" or world == 1,

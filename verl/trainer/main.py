@@ -99,6 +99,8 @@ def build_worker_group(config: PPOConfig, backend: str):
         trainer.n_gpus_per_node,
         trainer.device,
         trainer.torch_threads,
+        setup_timeout_s=trainer.worker_setup_timeout_s,
+        call_timeout_s=trainer.worker_call_timeout_s,
     )
 
 

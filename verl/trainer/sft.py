@@ -543,6 +543,8 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
             trainer_cfg.n_gpus_per_node,
             trainer_cfg.device,
             trainer_cfg.torch_threads,
+            setup_timeout_s=trainer_cfg.worker_setup_timeout_s,
+            call_timeout_s=trainer_cfg.worker_call_timeout_s,
         )
     logger.info("model parameters: %s", worker_group.init_model())
     return SFTTrainer(config, tokenizer, worker_group, train_loader, val_loader, generation_loader, reward_fn)

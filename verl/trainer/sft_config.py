@@ -150,6 +150,10 @@ class SFTTrainerConfig:
     """Seed of everything random in the model step."""
     torch_threads: int | None = None
     """CPU threads for torch; None leaves torch's default."""
+    worker_setup_timeout_s: float = 300.0
+    """backend=ray: the longest placing the workers, starting them and joining their process group may take."""
+    worker_call_timeout_s: float = 3600.0
+    """backend=ray: the longest one worker-group call (a whole generation, a whole update) may take; past it the run stops with an error naming the late workers."""
 
 
 @dataclass
@@ -186,6 +190,8 @@ class SFTConfig:
             "must be constant, warmup or cosine",
         )
         _require(trainer.backend in ("local", "ray"), "trainer.backend", "must be local or ray")
+        _require(trainer.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
+        _require(trainer.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
         _require(trainer.nnodes > 0, "trainer.nnodes", "must be positive")
         _require(trainer.n_gpus_per_node > 0, "trainer.n_gpus_per_node", "must be positive")
         workers = trainer.nnodes * trainer.n_gpus_per_node if trainer.backend == "ray" else 1
