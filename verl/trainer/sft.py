@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
 from verl.models.loading import (
@@ -152,22 +151,8 @@ class SFTWorker:
             if cfg.enable_gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        if not self.sharded:
-            model = load_model(cfg.model_path, dtype, attn, cfg.trust_remote_code)
-            prepare(model)
-            return model.to(self.device)
-        return fsdp_utils.build_sharded_model(
-            cfg.model_path,
-            dtype,
-            attn,
-            cfg.trust_remote_code,
-            self.device,
-            fsdp_utils.build_device_mesh(self.device, fsdp_size=-1),
-            # Computes in the loaded dtype (model.torch_dtype); gradients are reduced in it too.
-            MixedPrecisionPolicy(),
-            full_shard=True,
-            prepare=prepare,
-        )
+        # Computes in the loaded dtype (model.torch_dtype); gradients are reduced in it too.
+        return fsdp_utils.build_model(cfg.model_path, dtype, attn, cfg.trust_remote_code, self.device, prepare)
 
     # --- steps --------------------------------------------------------------------------------
     def _row_losses(self, micro: DataProto) -> tuple[torch.Tensor, torch.Tensor]:

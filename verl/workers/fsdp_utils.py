@@ -118,6 +118,37 @@ def shard_model(
     return model
 
 
+def build_model(
+    path: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    device: torch.device,
+    prepare: Callable[[torch.nn.Module], None],
+    fsdp_size: int = -1,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    full_shard: bool = True,
+) -> torch.nn.Module:
+    """A worker's model: a plain module on `device` in a single process; FSDP2-sharded over every
+    rank when the process group is up (see `build_sharded_model`). `prepare` sets it up before
+    sharding (requires_grad, gradient checkpointing)."""
+    if not dist.is_initialized():
+        model = load_model(path, dtype, attn_implementation, trust_remote_code)
+        prepare(model)
+        return model.to(device)
+    return build_sharded_model(
+        path,
+        dtype,
+        attn_implementation,
+        trust_remote_code,
+        device,
+        build_device_mesh(device, fsdp_size),
+        mp_policy or MixedPrecisionPolicy(),
+        full_shard,
+        prepare,
+    )
+
+
 def build_sharded_model(
     path: str,
     dtype: torch.dtype,

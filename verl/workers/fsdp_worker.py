@@ -146,20 +146,16 @@ class ActorRolloutRefWorker:
             if trainable and model_cfg.enable_gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        if not self.sharded:
-            model = load_model(model_cfg.model_path, dtype, attn, model_cfg.trust_remote_code)
-            prepare(model)
-            return model.to(self.device)
-        return fsdp_utils.build_sharded_model(
+        return fsdp_utils.build_model(
             model_cfg.model_path,
             dtype,
             attn,
             model_cfg.trust_remote_code,
             self.device,
-            fsdp_utils.build_device_mesh(self.device, fsdp_cfg.fsdp_size),
-            fsdp_utils.mixed_precision(self.device, fsdp_cfg.mp_param_dtype),
-            fsdp_cfg.enable_full_shard,
             prepare,
+            fsdp_size=fsdp_cfg.fsdp_size,
+            mp_policy=fsdp_utils.mixed_precision(self.device, fsdp_cfg.mp_param_dtype),
+            full_shard=fsdp_cfg.enable_full_shard,
         )
 
     # --- stages ----------------------------------------------------------------------------
