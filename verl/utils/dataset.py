@@ -12,6 +12,8 @@ import io
 import logging
 import math
 import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,49 +293,31 @@ def collate_prompts(items: list[dict[str, Any]], pad_token_id: int) -> DataProto
     )
 
 
-class PromptLoader:
-    """Batches of prompts in a seeded order, resumable exactly where it stopped.
+class EpochLoader(ABC):
+    """Batches in a seeded per-epoch order, resumable exactly where it stopped.
 
-    The order of epoch `e` is a permutation seeded by (seed, e); the state is (epoch, batches
-    consumed), so a resumed run sees exactly the samples the interrupted one had not seen.
+    A subclass says which dataset rows form the batches of epoch `e` (deterministic in its seed and
+    `e`) and how rows become a batch; the state is (epoch, batches consumed), so a resumed run sees
+    exactly the batches the interrupted one had not.
     """
 
-    def __init__(
-        self,
-        dataset: PromptDataset,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        pad_token_id: int,
-        drop_last: bool = True,
-    ) -> None:
-        if batch_size > len(dataset) and drop_last:
-            raise DataError(f"{dataset.spec}: batch size {batch_size} exceeds the {len(dataset)} usable rows")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
+    def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.pad_token_id = pad_token_id
-        self.drop_last = drop_last
         self.epoch = 0
         self.batches_done = 0
 
-    def __len__(self) -> int:
-        full, rest = divmod(len(self.dataset), self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+    @abstractmethod
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The dataset indices of every batch of `epoch`, in order."""
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.dataset))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+    @abstractmethod
+    def collate(self, indices: np.ndarray) -> DataProto: ...
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[DataProto]:
         """Yield the remaining batches of the current epoch, then move to the next epoch."""
-        order = self._order(self.epoch)
-        while self.batches_done < len(self):
-            start = self.batches_done * self.batch_size
-            indices = order[start : start + self.batch_size]
-            batch = collate_prompts([self.dataset[int(i)] for i in indices], self.pad_token_id)
+        batches = self.epoch_batches(self.epoch)
+        while self.batches_done < len(batches):
+            batch = self.collate(batches[self.batches_done])
             self.batches_done += 1
             yield batch
         self.epoch += 1
@@ -346,3 +330,42 @@ class PromptLoader:
         self.epoch = state["epoch"]
         self.batches_done = state["batches_done"]
         self.seed = state["seed"]
+
+
+class PromptLoader(EpochLoader):
+    """Batches of prompts; the order of epoch `e` is a permutation seeded by (seed, e) (or the
+    file order without `shuffle`)."""
+
+    def __init__(
+        self,
+        dataset: PromptDataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        pad_token_id: int,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size > len(dataset) and drop_last:
+            raise DataError(f"{dataset.spec}: batch size {batch_size} exceeds the {len(dataset)} usable rows")
+        super().__init__(seed)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.pad_token_id = pad_token_id
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        else:
+            order = np.arange(len(self.dataset))
+        return [
+            order[start : start + self.batch_size] for start in range(0, len(self) * self.batch_size, self.batch_size)
+        ]
+
+    def collate(self, indices: np.ndarray) -> DataProto:
+        return collate_prompts([self.dataset[int(i)] for i in indices], self.pad_token_id)

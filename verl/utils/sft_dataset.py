@@ -25,7 +25,15 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from verl.protocol import DataProto
-from verl.utils.dataset import IMAGE_PLACEHOLDER, DataError, build_messages, load_rows, open_image, resize_within
+from verl.utils.dataset import (
+    IMAGE_PLACEHOLDER,
+    DataError,
+    EpochLoader,
+    build_messages,
+    load_rows,
+    open_image,
+    resize_within,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -299,8 +307,8 @@ def _sample_rows(rows: np.ndarray, ratio: float, rng: np.random.Generator) -> np
     return np.concatenate([np.tile(rows, whole), rng.choice(rows, extra, replace=False)]).astype(int)
 
 
-class SFTLoader:
-    """Batches in a seeded order, resumable exactly where it stopped.
+class SFTLoader(EpochLoader):
+    """Batches of conversations.
 
     Epoch `e` draws each file's share (`ratios`, 1.0 each by default) and shuffles with a generator
     seeded by (seed, e); with `group_by_length`, examples are sorted by length inside windows of
@@ -319,18 +327,16 @@ class SFTLoader:
         group_by_length: bool = False,
         drop_last: bool = True,
     ) -> None:
+        super().__init__(seed)
         self.dataset = dataset
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.shuffle = shuffle
-        self.seed = seed
         self.ratios = list(ratios) if ratios else [1.0] * len(dataset.file_rows)
         if len(self.ratios) != len(dataset.file_rows):
             raise ValueError(f"SFTLoader: {len(self.ratios)} ratios for {len(dataset.file_rows)} files")
         self.group_by_length = group_by_length
         self.drop_last = drop_last
-        self.epoch = 0
-        self.batches_done = 0
         if len(self) == 0:
             raise DataError(f"an epoch holds {self.examples_per_epoch} examples, fewer than one batch of {batch_size}")
 
@@ -366,21 +372,5 @@ class SFTLoader:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
-    def __iter__(self):
-        """Yield the remaining batches of the current epoch, then move to the next epoch."""
-        batches = self.epoch_batches(self.epoch)
-        while self.batches_done < len(batches):
-            indices = batches[self.batches_done]
-            batch = collate_examples([self.dataset[int(i)] for i in indices], self.pad_token_id)
-            self.batches_done += 1
-            yield batch
-        self.epoch += 1
-        self.batches_done = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = state["epoch"]
-        self.batches_done = state["batches_done"]
-        self.seed = state["seed"]
+    def collate(self, indices: np.ndarray) -> DataProto:
+        return collate_examples([self.dataset[int(i)] for i in indices], self.pad_token_id)
