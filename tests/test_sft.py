@@ -359,7 +359,7 @@ def test_reference_sft_yaml_is_generated_from_the_code():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.backend=torchrun", "must be local or ray"),
+        ("trainer.backend=torchrun", "must be auto, local or ray"),
         (
             "trainer.backend=ray trainer.n_gpus_per_node=3",
             r"data.batch_size`: \(128\) must divide evenly over the 3 workers",

@@ -19,7 +19,8 @@ class ConfigError(ValueError):
     """A configuration value or combination is invalid; the message names the key and the rule."""
 
 
-def _require(condition: bool, key: str, rule: str) -> None:
+def require(condition: bool, key: str, rule: str) -> None:
+    """Raise ConfigError naming `key` and the `rule` it breaks unless `condition` holds."""
     if not condition:
         raise ConfigError(f"config key `{key}`: {rule}")
 
@@ -266,30 +267,34 @@ class SelfRewardConfig:
     """Also run on validation batches (measures perception accuracy on held-out data)."""
 
 
+LOGGERS = ("console", "file", "wandb", "tensorboard")
+
+
 @dataclass
-class TrainerConfig:
+class RunConfig:
+    """What every trainer run has, RL and SFT alike: names, workers, length, logging, checkpoints."""
+
     project_name: str = "vision_sr1"
     experiment_name: str = "tiny_world"
     backend: str = "auto"
-    """local (one process), ray, or auto (ray when more than one device or node)."""
+    """local: one worker in this process (CPU or one GPU). ray: one FSDP worker per device, nnodes x n_gpus_per_node of them (on CPU: processes sharing the cores). auto: ray when there is more than one."""
     device: str = "auto"
     """auto, cpu or cuda."""
     nnodes: int = 1
+    """Nodes of the Ray cluster (backend=ray)."""
     n_gpus_per_node: int = 1
-    """Devices (workers) per node; on CPU, worker processes per node."""
+    """Workers per node: one per GPU, or CPU processes when device=cpu."""
     total_epochs: int = 1
     max_steps: int | None = None
-    """Stop after this many steps (overrides total_epochs when smaller)."""
+    """Stop after this many optimizer steps (overrides total_epochs when smaller)."""
     logger: list[str] = field(default_factory=lambda: ["console", "file"])
     """Any of console, file, wandb, tensorboard."""
     val_freq: int = -1
-    """Validate every N steps; -1 never (except at the end when val files are set)."""
+    """Evaluate on the validation data every N steps; -1: only at the end."""
     val_before_train: bool = True
-    val_only: bool = False
-    """Only validate, writing generations to `<save_checkpoint_path>/generations_step_<N>.jsonl`."""
-    val_generations_to_log: int = 4
+    """Also evaluate the starting model (step 0)."""
     save_freq: int = -1
-    """Save every N steps; -1 only at the end."""
+    """Save every N steps; -1: only at the end."""
     save_limit: int = -1
     """Keep at most this many checkpoints; -1 keeps all."""
     save_checkpoint_path: str | None = None
@@ -297,6 +302,7 @@ class TrainerConfig:
     load_checkpoint_path: str | None = None
     """Resume from this `global_step_N` folder (default: the latest one under save_checkpoint_path)."""
     find_last_checkpoint: bool = True
+    """Resume from the latest complete checkpoint under save_checkpoint_path when there is one."""
     seed: int = 1
     """Seed of model init, sampling and everything else random."""
     torch_threads: int | None = None
@@ -305,6 +311,53 @@ class TrainerConfig:
     """backend=ray: the longest placing the workers, starting them and joining their process group may take."""
     worker_call_timeout_s: float = 3600.0
     """backend=ray: the longest one worker-group call (a whole generation, a whole update) may take; past it the run stops with an error naming the late workers."""
+
+    def fill_derived(self) -> None:
+        """Set save_checkpoint_path from the names when it was not given. Called from the whole
+        config's __post_init__: this class's own would also run when the schema's defaults are
+        built, before the file and command line set the names."""
+        if self.save_checkpoint_path is None:
+            self.save_checkpoint_path = os.path.join("checkpoints", self.project_name, self.experiment_name)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.n_gpus_per_node
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: total_epochs epochs, capped by max_steps."""
+        steps = batches_per_epoch * self.total_epochs
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    @property
+    def worker_backend(self) -> str:
+        """`backend` with auto resolved: local or ray."""
+        if self.backend == "auto":
+            return "ray" if self.world_size > 1 else "local"
+        return self.backend
+
+    def check(self) -> None:
+        """The rules of these keys; raises ConfigError naming the key (as `trainer.<key>`)."""
+        require(self.backend in ("auto", "local", "ray"), "trainer.backend", "must be auto, local or ray")
+        require(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+        require(self.nnodes > 0, "trainer.nnodes", "must be positive")
+        require(self.n_gpus_per_node > 0, "trainer.n_gpus_per_node", "must be positive")
+        require(
+            self.backend != "local" or self.world_size == 1,
+            "trainer.backend",
+            f"local runs one worker; nnodes x n_gpus_per_node is {self.world_size} (use backend=ray)",
+        )
+        require(self.total_epochs > 0, "trainer.total_epochs", "must be positive")
+        require(self.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
+        require(self.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
+        for name in self.logger:
+            require(name in LOGGERS, "trainer.logger", f"unknown logger {name!r} ({', '.join(LOGGERS)})")
+
+
+@dataclass
+class TrainerConfig(RunConfig):
+    val_only: bool = False
+    """Only validate, writing generations to `<save_checkpoint_path>/generations_step_<N>.jsonl`."""
+    val_generations_to_log: int = 4
 
 
 @dataclass
@@ -321,10 +374,7 @@ class PPOConfig:
         self.worker.actor.kl_coef = self.algorithm.kl_coef
         self.worker.rollout.prompt_length = self.data.max_prompt_length
         self.worker.rollout.response_length = self.data.max_response_length
-        if self.trainer.save_checkpoint_path is None:
-            self.trainer.save_checkpoint_path = os.path.join(
-                "checkpoints", self.trainer.project_name, self.trainer.experiment_name
-            )
+        self.trainer.fill_derived()
 
     def validate(self) -> None:
         """Check rules that span keys; raises ConfigError naming the key and the rule."""
@@ -335,95 +385,81 @@ class PPOConfig:
             self.algorithm,
             self.trainer,
         )
-        world = trainer.nnodes * trainer.n_gpus_per_node
-        _require(data.rollout_batch_size > 0, "data.rollout_batch_size", "must be positive")
-        _require(rollout.n >= 1, "worker.rollout.n", "must be at least 1")
-        _require(
+        world = trainer.world_size
+        require(data.rollout_batch_size > 0, "data.rollout_batch_size", "must be positive")
+        require(rollout.n >= 1, "worker.rollout.n", "must be at least 1")
+        require(
             data.rollout_batch_size % actor.global_batch_size == 0,
             "data.rollout_batch_size",
             f"must be a multiple of worker.actor.global_batch_size ({data.rollout_batch_size} % "
             f"{actor.global_batch_size} != 0)",
         )
         per_device = actor.global_batch_size * rollout.n
-        _require(
+        require(
             per_device % world == 0,
             "worker.actor.global_batch_size",
             f"global_batch_size x rollout.n ({per_device}) must divide evenly over {world} devices",
         )
-        _require(
+        require(
             (per_device // world) % actor.micro_batch_size_per_device_for_update == 0,
             "worker.actor.micro_batch_size_per_device_for_update",
             f"must divide the per-device update batch global_batch_size x n / devices = {per_device // world}",
         )
-        _require(
+        require(
             actor.micro_batch_size_per_device_for_experience > 0,
             "worker.actor.micro_batch_size_per_device_for_experience",
             "must be positive",
         )
-        _require(0 <= actor.clip_ratio_low < 1, "worker.actor.clip_ratio_low", "must be in [0, 1)")
-        _require(actor.clip_ratio_high >= 0, "worker.actor.clip_ratio_high", "must be >= 0")
-        _require(
+        require(0 <= actor.clip_ratio_low < 1, "worker.actor.clip_ratio_low", "must be in [0, 1)")
+        require(actor.clip_ratio_high >= 0, "worker.actor.clip_ratio_high", "must be >= 0")
+        require(
             actor.loss_agg_mode
             in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
             "worker.actor.loss_agg_mode",
             "must be one of token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm",
         )
-        _require(
+        require(
             actor.optim.strategy in ("adamw", "adamw_bf16"),
             "worker.actor.optim.strategy",
             "must be adamw or adamw_bf16",
         )
-        _require(
+        require(
             actor.optim.lr_scheduler_type in ("constant", "warmup", "cosine"),
             "worker.actor.optim.lr_scheduler_type",
             "must be constant, warmup or cosine",
         )
-        _require(algo.kl_type in ("fixed", "adaptive"), "algorithm.kl_type", "must be fixed or adaptive")
-        _require(
+        require(algo.kl_type in ("fixed", "adaptive"), "algorithm.kl_type", "must be fixed or adaptive")
+        require(
             algo.kl_penalty in ("kl", "abs", "mse", "low_var_kl", "full"),
             "algorithm.kl_penalty",
             "must be one of kl, abs, mse, low_var_kl, full",
         )
-        _require(
+        require(
             algo.advantage_mode in ("summed", "decoupled"), "algorithm.advantage_mode", "must be summed or decoupled"
         )
-        _require(
+        require(
             algo.adv_estimator not in ("grpo", "dr_grpo", "rloo") or rollout.n > 1,
             "worker.rollout.n",
             f"must be > 1 for the group-based estimator {algo.adv_estimator}",
         )
-        _require(trainer.backend in ("auto", "local", "ray"), "trainer.backend", "must be auto, local or ray")
-        _require(trainer.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
-        _require(trainer.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
-        _require(trainer.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
-        _require(
-            trainer.backend != "local" or world == 1,
-            "trainer.backend",
-            f"local runs one worker; nnodes x n_gpus_per_node is {world} (use backend=ray)",
-        )
-        for name in trainer.logger:
-            _require(
-                name in ("console", "file", "wandb", "tensorboard"),
-                "trainer.logger",
-                f"unknown logger {name!r} (console, file, wandb, tensorboard)",
-            )
-        _require(
+        trainer.check()
+        require(
             self.self_reward.enable in ("auto", "true", "false"),
             "self_reward.enable",
             "must be auto, true or false",
         )
-        _require(
+        require(
             ":" in self.worker.reward.reward_function,
             "worker.reward.reward_function",
             "must look like path/to/file.py:function_name",
         )
-        _require(
+        require(
             self.worker.reward.reward_type in ("batch", "sequential"),
             "worker.reward.reward_type",
             "must be batch or sequential",
         )
         if data.format_prompt is not None:
-            _require(os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}")
+            require(os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}")
 
 
 def _derived_keys(cls: type, prefix: str = "") -> list[str]:

@@ -10,10 +10,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from verl.trainer.config import ConfigError, PPOConfig, load_config, to_dict
+from verl.trainer.config import ConfigError, PPOConfig, RunConfig, load_config, to_dict
 
 logger = logging.getLogger("verl")
 
@@ -37,11 +38,6 @@ def build_trainer(config: PPOConfig):
     data = config.data
     reward_cfg = config.worker.reward
     reward_fn = RewardFunction(reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type)
-
-    world = config.trainer.nnodes * config.trainer.n_gpus_per_node
-    backend = config.trainer.backend
-    if backend == "auto":
-        backend = "ray" if world > 1 else "local"
 
     # The driver tokenizes data itself; workers load their own copy of the same files.
     model_cfg = config.worker.actor.model
@@ -69,38 +65,36 @@ def build_trainer(config: PPOConfig):
         val_batch = len(val_set) if data.val_batch_size <= 0 else data.val_batch_size
         val_loader = PromptLoader(val_set, val_batch, False, data.seed, tokenizer.pad_token_id, drop_last=False)
 
-    total_steps = len(train_loader) * config.trainer.total_epochs
-    if config.trainer.max_steps is not None:
-        total_steps = min(total_steps, config.trainer.max_steps)
-    config.worker.actor.optim.training_steps = total_steps  # the lr schedule's length
+    # The lr schedule's length.
+    config.worker.actor.optim.training_steps = config.trainer.total_steps(len(train_loader))
 
-    worker_group = build_worker_group(config, backend)
+    from verl.workers.fsdp_worker import ActorRolloutRefWorker
+
+    worker_kwargs = {"config": config.worker, "need_ref": not config.algorithm.disable_kl, "seed": config.trainer.seed}
+    worker_group = build_worker_group(ActorRolloutRefWorker, worker_kwargs, config.trainer)
     logger.info("model parameters: %s", worker_group.init_model())
     return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn)
 
 
-def build_worker_group(config: PPOConfig, backend: str):
-    """One worker in this process (`local`), or one Ray actor per device on every node (`ray`)."""
-    from verl.workers.fsdp_worker import ActorRolloutRefWorker
-
-    trainer = config.trainer
-    worker_kwargs = {"config": config.worker, "need_ref": not config.algorithm.disable_kl, "seed": trainer.seed}
-    if backend == "local":
+def build_worker_group(worker_cls: type, worker_kwargs: dict[str, Any], run: RunConfig) -> Any:
+    """One `worker_cls` in this process (backend local), or one Ray actor per device on every node
+    (ray); `worker_kwargs` plus the device build each."""
+    if run.worker_backend == "local":
         from verl.single_controller.local import LocalWorkerGroup
 
-        return LocalWorkerGroup(ActorRolloutRefWorker(device=trainer.device, **worker_kwargs))
+        return LocalWorkerGroup(worker_cls(device=run.device, **worker_kwargs))
 
     from verl.single_controller.ray import start_worker_group
 
     return start_worker_group(
-        ActorRolloutRefWorker,
+        worker_cls,
         worker_kwargs,
-        trainer.nnodes,
-        trainer.n_gpus_per_node,
-        trainer.device,
-        trainer.torch_threads,
-        setup_timeout_s=trainer.worker_setup_timeout_s,
-        call_timeout_s=trainer.worker_call_timeout_s,
+        run.nnodes,
+        run.n_gpus_per_node,
+        run.device,
+        run.torch_threads,
+        setup_timeout_s=run.worker_setup_timeout_s,
+        call_timeout_s=run.worker_call_timeout_s,
     )
 
 
@@ -121,18 +115,24 @@ def stop_ray_started_here() -> Iterator[None]:
             sys.modules["ray"].shutdown()
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def run_cli(argv: list[str] | None, schema_cls: type, build: Callable[[Any], Any]) -> dict[str, float]:
+    """The command line of a trainer: config from `argv` (exit 2 naming the bad key), threads,
+    `build(config).fit()`, and Ray shut down afterwards if this run started it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(argv)
+        config = load_config(argv, schema_cls)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
     with stop_ray_started_here():
-        return build_trainer(config).fit()
+        return build(config).fit()
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    return run_cli(argv, PPOConfig, build_trainer)
 
 
 if __name__ == "__main__":

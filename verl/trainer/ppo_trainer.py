@@ -57,9 +57,7 @@ class PPOTrainer:
         self.kl_ctrl = core_algos.get_kl_controller(algo.kl_type, algo.kl_coef, algo.kl_target, algo.kl_horizon)
         self.checkpoint_root = config.trainer.save_checkpoint_path
         self.global_step = 0
-        epochs_steps = len(train_loader) * config.trainer.total_epochs
-        max_steps = config.trainer.max_steps
-        self.total_steps = min(epochs_steps, max_steps) if max_steps is not None else epochs_steps
+        self.total_steps = config.trainer.total_steps(len(train_loader))
 
     # ================================================================ the loop
     def fit(self) -> dict[str, float]:

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import sys
 from contextlib import nullcontext
 from typing import Any
 
@@ -46,8 +45,8 @@ from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.models.positions import compute_position_ids
 from verl.protocol import DataProto
 from verl.single_controller.dispatch import Dispatch, register
-from verl.trainer.config import ConfigError, OptimConfig, load_config, to_dict
-from verl.trainer.main import configure_threads, stop_ray_started_here
+from verl.trainer.config import OptimConfig, to_dict
+from verl.trainer.main import build_worker_group, run_cli
 from verl.trainer.sft_config import SFTConfig, SFTModelConfig, SFTOptimConfig
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
@@ -318,7 +317,7 @@ class SFTTrainer:
         self.reward_fn = reward_fn
         self.checkpoint_root = config.trainer.save_checkpoint_path
         self.global_step = 0
-        self.total_steps = total_training_steps(config, len(train_loader))
+        self.total_steps = config.trainer.total_steps(len(train_loader))
         self.last_eval: tuple[int, dict[str, float]] | None = None
 
     def fit(self) -> dict[str, float]:
@@ -462,14 +461,8 @@ class SFTTrainer:
         logger.info("resumed from %s at step %d", path, self.global_step)
 
 
-def total_training_steps(config: SFTConfig, batches_per_epoch: int) -> int:
-    steps = batches_per_epoch * config.trainer.total_epochs
-    return min(steps, config.trainer.max_steps) if config.trainer.max_steps is not None else steps
-
-
 def build_trainer(config: SFTConfig) -> SFTTrainer:
     """Data, worker and trainer, built in dependency order."""
-    from verl.single_controller.local import LocalWorkerGroup
 
     data, model_cfg, evaluation = config.data, config.model, config.eval
     tokenizer, processor = load_tokenizer_and_processor(
@@ -510,43 +503,18 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
     worker_kwargs = {
         "model_config": model_cfg,
         "optim_config": config.optim,
-        "training_steps": total_training_steps(config, len(train_loader)),
+        "training_steps": config.trainer.total_steps(len(train_loader)),
         "micro_batch_size": config.trainer.micro_batch_size,
         "generation_batch_size": evaluation.batch_size,
         "seed": config.trainer.seed,
     }
-    trainer_cfg = config.trainer
-    if trainer_cfg.backend == "local":
-        worker_group = LocalWorkerGroup(SFTWorker(device=trainer_cfg.device, **worker_kwargs))
-    else:
-        from verl.single_controller.ray import start_worker_group
-
-        worker_group = start_worker_group(
-            SFTWorker,
-            worker_kwargs,
-            trainer_cfg.nnodes,
-            trainer_cfg.n_gpus_per_node,
-            trainer_cfg.device,
-            trainer_cfg.torch_threads,
-            setup_timeout_s=trainer_cfg.worker_setup_timeout_s,
-            call_timeout_s=trainer_cfg.worker_call_timeout_s,
-        )
+    worker_group = build_worker_group(SFTWorker, worker_kwargs, config.trainer)
     logger.info("model parameters: %s", worker_group.init_model())
     return SFTTrainer(config, tokenizer, worker_group, train_loader, val_loader, generation_loader, reward_fn)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = load_config(argv, SFTConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_threads(config.trainer.torch_threads)
-    logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
-    with stop_ray_started_here():
-        return build_trainer(config).fit()
+    return run_cli(argv, SFTConfig, build_trainer)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl.trainer.config import ConfigError
+from verl.trainer.config import RunConfig, require
 
 COLD_START_DIR = "tiny_world/data/cold_start"
 
@@ -114,46 +114,12 @@ class SFTEvalConfig:
 
 
 @dataclass
-class SFTTrainerConfig:
-    project_name: str = "vision_sr1"
+class SFTTrainerConfig(RunConfig):
     experiment_name: str = "cold_start"
-    backend: str = "local"
-    """local: one worker in this process (CPU or one GPU). ray: one FSDP worker per device, nnodes x n_gpus_per_node of them (on CPU: processes sharing the cores)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    nnodes: int = 1
-    """Nodes of the Ray cluster (backend=ray)."""
-    n_gpus_per_node: int = 1
-    """Workers per node (backend=ray): one per GPU, or CPU processes when device=cpu."""
     total_epochs: int = 3
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides total_epochs when smaller)."""
-    micro_batch_size: int = 8
-    """Examples per forward/backward; gradients accumulate over the micro-batches of `data.batch_size`."""
-    logger: list[str] = field(default_factory=lambda: ["console", "file"])
-    """Any of console, file, wandb, tensorboard."""
-    val_freq: int = -1
-    """Evaluate (evaluation loss and generation check) every N steps; -1: only at the end."""
     val_before_train: bool = False
-    """Also evaluate the starting model (step 0)."""
-    save_freq: int = -1
-    """Save every N steps; -1: only at the end."""
-    save_limit: int = -1
-    """Keep at most this many checkpoints; -1 keeps all."""
-    save_checkpoint_path: str | None = None
-    """Default: checkpoints/<project_name>/<experiment_name>."""
-    load_checkpoint_path: str | None = None
-    """Resume from this `global_step_N` folder (default: the latest one under save_checkpoint_path)."""
-    find_last_checkpoint: bool = True
-    """Resume from the latest complete checkpoint under save_checkpoint_path when there is one."""
-    seed: int = 1
-    """Seed of everything random in the model step."""
-    torch_threads: int | None = None
-    """CPU threads for torch; None leaves torch's default."""
-    worker_setup_timeout_s: float = 300.0
-    """backend=ray: the longest placing the workers, starting them and joining their process group may take."""
-    worker_call_timeout_s: float = 3600.0
-    """backend=ray: the longest one worker-group call (a whole generation, a whole update) may take; past it the run stops with an error naming the late workers."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward on each worker; gradients accumulate over the micro-batches of its share of `data.batch_size`."""
 
 
 @dataclass
@@ -165,63 +131,43 @@ class SFTConfig:
     trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
 
     def __post_init__(self) -> None:
-        if self.trainer.save_checkpoint_path is None:
-            self.trainer.save_checkpoint_path = os.path.join(
-                "checkpoints", self.trainer.project_name, self.trainer.experiment_name
-            )
+        self.trainer.fill_derived()
 
     def validate(self) -> None:
         """Check rules that span keys; raises ConfigError naming the key and the rule."""
         data, model, optim, evaluation, trainer = self.data, self.model, self.optim, self.eval, self.trainer
-        _require(len(data.train_files) > 0, "data.train_files", "needs at least one file")
-        _require(
+        require(len(data.train_files) > 0, "data.train_files", "needs at least one file")
+        require(
             not data.train_ratios or len(data.train_ratios) == len(data.train_files),
             "data.train_ratios",
             f"has {len(data.train_ratios)} values for {len(data.train_files)} train_files (give one per file, or none)",
         )
-        _require(all(r > 0 for r in data.train_ratios), "data.train_ratios", "every ratio must be positive")
-        _require(data.batch_size > 0, "data.batch_size", "must be positive")
-        _require(data.max_length > 0, "data.max_length", "must be positive")
-        _require(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
-        _require(model.torch_dtype in ("fp32", "bf16"), "model.torch_dtype", "must be fp32 or bf16")
-        _require(
+        require(all(r > 0 for r in data.train_ratios), "data.train_ratios", "every ratio must be positive")
+        require(data.batch_size > 0, "data.batch_size", "must be positive")
+        require(data.max_length > 0, "data.max_length", "must be positive")
+        require(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
+        require(model.torch_dtype in ("fp32", "bf16"), "model.torch_dtype", "must be fp32 or bf16")
+        require(
             optim.lr_scheduler_type in ("constant", "warmup", "cosine"),
             "optim.lr_scheduler_type",
             "must be constant, warmup or cosine",
         )
-        _require(trainer.backend in ("local", "ray"), "trainer.backend", "must be local or ray")
-        _require(trainer.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
-        _require(trainer.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
-        _require(trainer.nnodes > 0, "trainer.nnodes", "must be positive")
-        _require(trainer.n_gpus_per_node > 0, "trainer.n_gpus_per_node", "must be positive")
-        workers = trainer.nnodes * trainer.n_gpus_per_node if trainer.backend == "ray" else 1
-        _require(
-            data.batch_size % workers == 0,
+        trainer.check()
+        require(
+            data.batch_size % trainer.world_size == 0,
             "data.batch_size",
-            f"({data.batch_size}) must divide evenly over the {workers} workers (trainer.nnodes x trainer.n_gpus_per_node)",
+            f"({data.batch_size}) must divide evenly over the {trainer.world_size} workers "
+            "(trainer.nnodes x trainer.n_gpus_per_node)",
         )
-        _require(trainer.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
-        _require(trainer.total_epochs > 0, "trainer.total_epochs", "must be positive")
-        for name in trainer.logger:
-            _require(
-                name in ("console", "file", "wandb", "tensorboard"),
-                "trainer.logger",
-                f"unknown logger {name!r} (console, file, wandb, tensorboard)",
-            )
         if evaluation.generation_files is not None:
-            _require(
+            require(
                 ":" in evaluation.reward_function,
                 "eval.reward_function",
                 "must look like path/to/file.py:function_name",
             )
             if evaluation.format_prompt is not None:
-                _require(
+                require(
                     os.path.isfile(evaluation.format_prompt),
                     "eval.format_prompt",
                     f"file not found: {evaluation.format_prompt}",
                 )
-
-
-def _require(condition: bool, key: str, rule: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key `{key}`: {rule}")
