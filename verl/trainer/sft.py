@@ -54,7 +54,7 @@ from verl.utils.sft_dataset import IGNORE_INDEX, ConversationEncoder, SFTDataset
 from verl.utils.timer import timer
 from verl.utils.tracking import Tracker
 from verl.workers import fsdp_utils
-from verl.workers.fsdp_worker import TRAINING_STATE, build_lr_scheduler, resolve_device
+from verl.workers.fsdp_worker import build_lr_scheduler, resolve_device
 from verl.workers.reward import RewardFunction, aggregate_reward_metrics
 from verl.workers.rollout.base import SamplingParams
 from verl.workers.rollout.hf_rollout import HFRollout
@@ -262,20 +262,12 @@ class SFTWorker:
         self.tokenizer.save_pretrained(path)
         if self.processor is not None:
             self.processor.save_pretrained(path)
-        torch.save(
-            {
-                "optimizer": optimizer_state,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            os.path.join(path, TRAINING_STATE),
-        )
+        fsdp_utils.write_training_state(path, optimizer_state, self.lr_scheduler)
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote, from any number of workers into any number."""
-        state = torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
+        state = fsdp_utils.read_training_state(path)
         sharded_optimizer = os.path.join(path, SHARDED_OPTIMIZER_DIR)
         weights = {}
         if self.rank == 0:  # rank 0 reads the folder and hands every rank its shards
@@ -287,10 +279,7 @@ class SFTWorker:
             fsdp_utils.load_full_state(
                 self.model, self.optimizer, weights, state["optimizer"] if self.rank == 0 else {}
             )
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        fsdp_utils.restore_schedule_and_rng(state, self.lr_scheduler)
 
 
 class SFTTrainer:

@@ -298,6 +298,37 @@ class CPUOffload:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+TRAINING_STATE = "training_state.pt"
+"""File of a checkpoint's actor folder with the lr schedule, the RNG and (from one worker) the optimizer state."""
+
+
+def write_training_state(
+    path: str, optimizer_state: dict[str, object] | None, lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> None:
+    """Write `path/training_state.pt`: `optimizer_state` (None when it is saved sharded), the lr
+    schedule and this process's CPU and CUDA RNG."""
+    state = {
+        "optimizer": optimizer_state,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(state, os.path.join(path, TRAINING_STATE))
+
+
+def read_training_state(path: str) -> dict[str, object]:
+    return torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
+
+
+def restore_schedule_and_rng(state: dict[str, object], lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Put back what `write_training_state` saved besides the optimizer; last, so that nothing
+    loaded afterwards draws from the restored RNG."""
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def save_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: bool = True) -> None:
     """Every rank writes its own shards of the optimizer states, and of the weights unless
     `weights` is False (torch.distributed.checkpoint)."""

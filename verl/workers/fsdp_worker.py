@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 SHARDED_DIR = "sharded"
 """Sub-folder of a multi-worker checkpoint holding the torch.distributed.checkpoint shards."""
-TRAINING_STATE = "training_state.pt"
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -243,22 +242,14 @@ class ActorRolloutRefWorker:
         self.tokenizer.save_pretrained(path)
         if self.processor is not None:
             self.processor.save_pretrained(path)
-        torch.save(
-            {
-                "optimizer": optimizer_state,
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            os.path.join(path, TRAINING_STATE),
-        )
+        fsdp_utils.write_training_state(path, optimizer_state, self.lr_scheduler)
         with open(os.path.join(path, "worker_config.json"), "w") as f:
             json.dump(asdict(self.config), f, indent=2, default=str)
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
         """Restore weights, optimizer, scheduler and RNG from a checkpoint written by any number of workers."""
-        state = torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
+        state = fsdp_utils.read_training_state(path)
         sharded_dir = os.path.join(path, SHARDED_DIR)
         with self.actor_offload.loaded(with_optimizer=True):
             if os.path.isdir(sharded_dir):
@@ -270,7 +261,4 @@ class ActorRolloutRefWorker:
                     weights = load_model(path, next(self.model.parameters()).dtype, "sdpa").state_dict()
                     optimizer_state = state["optimizer"]
                 fsdp_utils.load_full_state(self.model, self.optimizer, weights, optimizer_state)
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        fsdp_utils.restore_schedule_and_rng(state, self.lr_scheduler)
