@@ -112,13 +112,13 @@ class PPOTrainer:
                     with timer("validation", timings):
                         metrics.update(self.validate())
 
-                if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
-                    with timer("save_checkpoint", timings):
-                        self.save_checkpoint()
-
             metrics.update(compute_data_metrics(batch))
             metrics.update(compute_throughput_metrics(batch, timings))
             self.tracker.log(metrics, step=self.global_step)
+            # Saved after logging: a run killed once this checkpoint exists resumes after this step,
+            # so its metrics must be written already (a resumed run drops what was logged after).
+            if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
+                self.save_checkpoint()
             progress.update(1)
         progress.close()
         self.tracker.finish()

@@ -341,14 +341,15 @@ class SFTTrainer:
                 if (cfg.val_freq > 0 and self.global_step % cfg.val_freq == 0) or is_last:
                     with timer("evaluate", timings):
                         metrics.update(self.evaluate())
-                if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
-                    with timer("save_checkpoint", timings):
-                        self.save_checkpoint()
             loader = self.train_loader
             metrics["train/epoch"] = loader.epoch + loader.batches_done / len(loader)
             metrics.update({f"timing_s/{name}": seconds for name, seconds in timings.items()})
             metrics["perf/examples_per_s"] = len(batch) / timings["update"]
             self.tracker.log(metrics, step=self.global_step)
+            # Saved after logging: a run killed once this checkpoint exists resumes after this step,
+            # so its metrics must be written already (a resumed run drops what was logged after).
+            if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
+                self.save_checkpoint()
             progress.update(1)
         progress.close()
         self.tracker.finish()

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -71,7 +72,9 @@ def write_trainer_state(folder: str, state: dict) -> None:
 
 def save_and_prune(root: str, step: int, keep: int, write: Callable[[str], None]) -> str:
     """`save_atomically`, then keep only the newest `keep` checkpoints (keep <= 0 keeps all)."""
+    start = time.monotonic()
     path = save_atomically(root, step, write)
+    logger.info("saved %s in %.1f s", path, time.monotonic() - start)
     for removed in remove_old_checkpoints(root, keep):
         logger.info("removed old checkpoint %s", removed)
     return path
