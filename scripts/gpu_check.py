@@ -167,10 +167,10 @@ def peak_flops(device: str) -> float | None:
 
 
 def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_len: int, new_tokens: int) -> None:
-    from verl.trainer.config import WorkerConfig
+    from verl.protocol import SamplingParams
     from verl.trainer.self_reward import left_padded_prompts
+    from verl.workers.config import WorkerConfig
     from verl.workers.fsdp_worker import ActorRolloutRefWorker
-    from verl.workers.rollout.base import SamplingParams
 
     shape = QWEN25_VL_3B if shape_name == "3b" else SMALL
     section(f"random-init Qwen2.5-VL ({shape_name} shape), bf16, on {device}")

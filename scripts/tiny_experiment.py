@@ -69,11 +69,11 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
     import torch
 
     from verl.models.loading import load_model, load_tokenizer_and_processor
+    from verl.protocol import SamplingParams
     from verl.trainer.config import SelfRewardConfig
     from verl.trainer.self_reward import SelfRewardStage
     from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
     from verl.utils.grading import extract_boxed, grade_answer
-    from verl.workers.rollout.base import SamplingParams
     from verl.workers.rollout.hf_rollout import HFRollout
 
     tokenizer, processor = load_tokenizer_and_processor(model_dir)

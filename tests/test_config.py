@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from verl.trainer.config import ConfigError, PPOConfig, load_config, to_dict
+from verl.trainer.config import PPOConfig
+from verl.utils.config import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_precedence_defaults_yaml_cli(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("worker:\n  actor:\n    optim:\n      lr: 0.5\n      weight_decay: 0.25\n")
-    config = load_config([f"config={cfg_file}", "worker.actor.optim.lr=0.125"])
+    config = load_config([f"config={cfg_file}", "worker.actor.optim.lr=0.125"], PPOConfig)
     assert config.worker.actor.optim.lr == 0.125  # command line wins over the file
     assert config.worker.actor.optim.weight_decay == 0.25  # file wins over defaults
     assert config.worker.actor.optim.betas == (0.9, 0.999)  # default kept
@@ -23,12 +24,14 @@ def test_precedence_defaults_yaml_cli(tmp_path):
 
 
 def test_derived_fields_follow_their_source():
-    config = load_config(["algorithm.kl_coef=0.5", "algorithm.use_kl_loss=false", "data.max_response_length=33"])
+    config = load_config(
+        ["algorithm.kl_coef=0.5", "algorithm.use_kl_loss=false", "data.max_response_length=33"], PPOConfig
+    )
     assert config.worker.actor.kl_coef == 0.5
     assert config.worker.actor.use_kl_loss is False
     assert config.worker.rollout.response_length == 33
     with pytest.raises(ConfigError, match="worker.actor.kl_coef.*derived"):
-        load_config(["worker.actor.kl_coef=0.1"])
+        load_config(["worker.actor.kl_coef=0.1"], PPOConfig)
 
 
 @pytest.mark.parametrize(
@@ -54,19 +57,19 @@ def test_derived_fields_follow_their_source():
 )
 def test_bad_config_names_key_and_rule(args, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(args)
+        load_config(args, PPOConfig)
 
 
 def test_missing_yaml_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_config([f"config={tmp_path / 'missing.yaml'}"])
+        load_config([f"config={tmp_path / 'missing.yaml'}"], PPOConfig)
 
 
 def test_unknown_key_in_yaml_names_file(tmp_path):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text("trainer:\n  total_epoch: 3\n")
     with pytest.raises(ConfigError, match=r"trainer\.total_epoch.*bad\.yaml"):
-        load_config([f"config={cfg_file}"])
+        load_config([f"config={cfg_file}"], PPOConfig)
 
 
 def _keys(tree, prefix=""):
@@ -90,7 +93,7 @@ def test_reference_yaml_mirrors_dataclasses():
     }
     assert _keys(reference) == _keys(to_dict(PPOConfig())) - derived
     # and it loads as a config file
-    load_config([f"config={ROOT / 'examples' / 'config.yaml'}"])
+    load_config([f"config={ROOT / 'examples' / 'config.yaml'}"], PPOConfig)
 
 
 def test_reference_yaml_is_generated_from_the_code():

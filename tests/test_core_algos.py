@@ -1,4 +1,4 @@
-"""Hand-computed cases for verl.trainer.core_algos (expected numbers are worked out in the comments)."""
+"""Hand-computed cases for verl.algorithms.core_algos (expected numbers are worked out in the comments)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from verl.trainer import core_algos as ca
+from verl.algorithms import core_algos as ca
 
 # --------------------------------------------------------------------------- advantage estimators
 

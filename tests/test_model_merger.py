@@ -11,12 +11,12 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForImageTextToText
 
-from verl.trainer.config import WorkerConfig
+from verl.protocol import SamplingParams
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
+from verl.utils.network import free_port
 from verl.workers.actor.dp_actor import forward_response_logits
-from verl.workers.fsdp_utils import free_port
+from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
-from verl.workers.rollout.base import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("model_merger", ROOT / "scripts" / "model_merger.py")

@@ -3,7 +3,7 @@ and bf16 parameters that still move under updates smaller than a bf16 step."""
 
 import torch
 
-from verl.trainer.config import OptimConfig
+from verl.workers.config import OptimConfig
 from verl.workers.optimizer import AdamWBF16, build_optimizer
 
 

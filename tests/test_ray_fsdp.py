@@ -20,14 +20,13 @@ import pytest
 import ray
 import torch
 
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 from verl.single_controller.dispatch import Dispatch, merge_from_dp, register, registered_methods, split_by_dp
 from verl.single_controller.local import LocalWorkerGroup
 from verl.single_controller.ray import RayWorkerGroup, ResourcePool, WorkerError, start_worker_group
-from verl.trainer.config import WorkerConfig
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
+from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
-from verl.workers.rollout.base import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_PROB_ATOL = 1e-5

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from verl.reward import RewardFunction, RewardFunctionError, RewardInput, aggregate_reward_metrics
 from verl.utils.grading import extract_boxed, extract_tag, grade_answer, see_think_format_ok, think_format_ok
-from verl.workers.reward import RewardFunction, RewardFunctionError, RewardInput, aggregate_reward_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "reward_function"
 GOOD = r"<description>The image shows the digits 3 and 5.</description> <think>3 + 5 = 8.</think> \boxed{8}"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from verl.models.multimodal import multimodal_token_ids
-from verl.trainer.config import WorkerConfig
+from verl.protocol import SamplingParams
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
+from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
-from verl.workers.rollout.base import SamplingParams
 from verl.workers.rollout.hf_rollout import response_mask_from_eos
 
 SEE_THINK = "examples/format_prompt/see_think.jinja"

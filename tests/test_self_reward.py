@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from verl.trainer import core_algos
-from verl.trainer.config import SelfRewardConfig, WorkerConfig
+from verl.algorithms import core_algos
+from verl.protocol import SamplingParams
+from verl.reward import RewardFunction
+from verl.trainer.config import SelfRewardConfig
 from verl.trainer.self_reward import SelfRewardStage, states_answer
+from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
-from verl.workers.reward import RewardFunction
-from verl.workers.rollout.base import SamplingParams
 
 PERCEPTION = "examples/format_prompt/perception_prompt.jinja"
 

@@ -19,9 +19,8 @@ from transformers import AutoModelForImageTextToText
 
 from verl.models.loading import load_tokenizer_and_processor
 from verl.models.positions import compute_position_ids
-from verl.trainer.config import ConfigError, ModelConfig, WorkerConfig, load_config
-from verl.trainer.sft import SFTWorker, build_trainer
-from verl.trainer.sft_config import SFTConfig, SFTModelConfig, SFTOptimConfig
+from verl.trainer.sft_config import SFTConfig
+from verl.utils.config import ConfigError, load_config
 from verl.utils.grading import extract_boxed, grade_answer, see_think_format_ok
 from verl.utils.sft_dataset import (
     IGNORE_INDEX,
@@ -32,7 +31,9 @@ from verl.utils.sft_dataset import (
     collate_examples,
     read_conversations,
 )
+from verl.workers.config import ModelConfig, SFTModelConfig, SFTOptimConfig, WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
+from verl.workers.sft_worker import SFTWorker, build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FACTORY_DIR = ROOT / "LLaMA-Factory-Cold-Start"

@@ -19,15 +19,14 @@ import ray
 import torch
 
 from verl.models.loading import load_model
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 from verl.single_controller.dispatch import Dispatch, registered_methods
 from verl.single_controller.local import LocalWorkerGroup
 from verl.single_controller.ray import RayWorkerGroup, ResourcePool
-from verl.trainer.sft import SFTWorker
-from verl.trainer.sft_config import SFTModelConfig, SFTOptimConfig
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.utils.sft_dataset import ConversationEncoder, collate_examples, read_conversations
-from verl.workers.rollout.base import SamplingParams
+from verl.workers.config import SFTModelConfig, SFTOptimConfig
+from verl.workers.sft_worker import SFTWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_RTOL = 1e-5

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from verl.trainer.config import RolloutConfig, WorkerConfig
+from verl.protocol import SamplingParams
 from verl.trainer.self_reward import left_padded_prompts
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
-from verl.workers.rollout.base import SamplingParams
+from verl.workers.config import RolloutConfig, WorkerConfig
 from verl.workers.rollout.hf_rollout import HFRollout
 from verl.workers.rollout.vllm_rollout import VLLMRollout, collapse_image_placeholders, kv_cache_bytes, request_seed
 from verl.workers.rollout.vllm_weights import WeightSyncError, check_landing, check_vllm_version

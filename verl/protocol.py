@@ -16,6 +16,7 @@ contract: splitting, repeating and reordering move the values of a row together.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -280,3 +281,23 @@ def _values_equal(x: Any, y: Any) -> bool:
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _tensors_equal(x, y)
     return bool(x == y)
+
+
+# --- controller <-> worker contract types ------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the controller asks a worker group to sample (`meta_info["sampling"]` of a generate call)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    seed: int = 0
+    """Seeds this call's sampling, so a step's samples do not depend on what ran before it."""
+    return_log_probs: bool = False
+    """Also return `rollout_log_probs`: the sampler's own log-probs of the chosen tokens (at `temperature`)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0

@@ -5,5 +5,6 @@ set -euo pipefail
 [[ "$1" == "-m" && "$2" == "verl.trainer.main" ]] || { echo "unexpected call: $*" >&2; exit 2; }
 shift 2
 exec "$CHECK_PYTHON" -c 'import json, sys
-from verl.trainer.config import load_config, to_dict
-print(json.dumps(to_dict(load_config(sys.argv[1:]))))' "$@"
+from verl.trainer.config import PPOConfig
+from verl.utils.config import load_config, to_dict
+print(json.dumps(to_dict(load_config(sys.argv[1:], PPOConfig))))' "$@"

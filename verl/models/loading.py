@@ -20,6 +20,7 @@ from transformers import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def resolve_dtype(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -96,3 +97,21 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The vision encoder (with its merger/projector) of a Qwen-VL model, or None for text models."""
     inner = getattr(model, "model", model)
     return getattr(inner, "visual", None)
+
+
+def freeze_vision_parts(model: torch.nn.Module, freeze_tower: bool, freeze_projector: bool) -> bool:
+    """Stop gradients into the vision encoder (patch embedding and blocks) and/or its projector
+    (Qwen-VL's `visual.merger`). Returns False for a text-only model, which has neither."""
+    visual = vision_tower(model)
+    if visual is None:
+        return False
+    projector = getattr(visual, "merger", None)
+    if projector is None:
+        raise ValueError(f"{type(visual).__name__} has no `merger` submodule; cannot tell the projector apart")
+    if freeze_projector:
+        projector.requires_grad_(False)
+    if freeze_tower:
+        for child in visual.children():
+            if child is not projector:
+                child.requires_grad_(False)
+    return True

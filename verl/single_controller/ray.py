@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from verl.protocol import DataProto
 from verl.single_controller.dispatch import Dispatch, merge_from_dp, registered_methods, split_by_dp
+from verl.utils.network import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ class WorkerHost:
 
     def master_address(self) -> tuple[str, int]:
         """This node's address and a free port, for the process group's rendezvous (asked of rank 0)."""
-        from verl.workers.fsdp_utils import free_port
-
         return ray.util.get_node_ip_address(), free_port()
 
     def start(self, rank: int, world_size: int, master: tuple[str, int], worker_cls: type, kwargs: dict) -> None:

@@ -1,28 +1,26 @@
-"""Every configuration of a training run, as nested dataclasses.
+"""The RL trainer's configuration: data, algorithm, self-reward and run control, composing the
+worker layer's configs (verl/workers/config.py) under `worker.*`.
 
 `examples/config.yaml` mirrors these classes. Values merge as defaults < YAML file < command line
-(`key.sub=value`), see `load_config`. Unknown keys and wrong types fail in the merge, batch-size
-rules in `PPOConfig.validate`; both happen before any model is loaded.
+(`key.sub=value`, see verl.utils.config.load_config). Unknown keys and wrong types fail in the merge;
+every enumerated value and every rule spanning keys in `PPOConfig.validate`, before any model is
+loaded, naming the key and (for enumerations) the choices of the registry the code dispatches on.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from verl.algorithms.core_algos import ADV_ESTIMATORS, KL_CONTROLLERS, KL_MODES
+from verl.utils.config import require, require_choice
+from verl.utils.device import DEVICES
+from verl.utils.tracking import LOGGERS
+from verl.workers.config import WorkerConfig
 
-
-class ConfigError(ValueError):
-    """A configuration value or combination is invalid; the message names the key and the rule."""
-
-
-def require(condition: bool, key: str, rule: str) -> None:
-    """Raise ConfigError naming `key` and the `rule` it breaks unless `condition` holds."""
-    if not condition:
-        raise ConfigError(f"config key `{key}`: {rule}")
+ADVANTAGE_MODES = ("summed", "decoupled")
+BACKENDS = ("auto", "local", "ray")
+SELF_REWARD_MODES = ("auto", "true", "false")
 
 
 @dataclass
@@ -100,151 +98,6 @@ class AlgorithmConfig:
 
 
 @dataclass
-class ModelConfig:
-    model_path: str = "tiny_world/models/qwen2_5_vl"
-    """HF folder or our checkpoint folder of the policy model."""
-    tokenizer_path: str | None = None
-    """Defaults to `model_path`."""
-    trust_remote_code: bool = False
-    enable_gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
-    freeze_vision_tower: bool = False
-    """Keep the vision encoder's weights fixed."""
-    attn_implementation: str = "auto"
-    """auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager or flash_attention_2."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    strategy: str = "adamw"
-    """adamw, or adamw_bf16 (bf16 optimizer states, less memory)."""
-    lr_scheduler_type: str = "constant"
-    """constant, warmup (linear warm-up then constant) or cosine."""
-    lr_warmup_ratio: float = 0.0
-    """Fraction of training steps used for warm-up (ignored when `lr_warmup_steps` >= 0)."""
-    lr_warmup_steps: int = -1
-    min_lr_ratio: float = 0.0
-    """Cosine schedule: final lr as a fraction of `lr`."""
-    training_steps: int = -1
-    """Set by the trainer from the data size and epochs; do not set by hand."""
-
-
-@dataclass
-class FSDPConfig:
-    enable_full_shard: bool = True
-    """Shard parameters (True) or only gradients and optimizer states."""
-    fsdp_size: int = -1
-    """Ranks per shard group for hybrid sharding; -1 shards over all ranks."""
-    torch_dtype: str | None = None
-    """Parameter dtype: fp32 or bf16 (None: fp32 for the actor, bf16 for ref on GPU)."""
-    mp_param_dtype: str = "bf16"
-    """Mixed-precision compute dtype on GPU (CPU always computes in fp32)."""
-
-
-@dataclass
-class OffloadConfig:
-    offload_params: bool = False
-    """Keep parameters on CPU between stages."""
-    offload_optimizer: bool = False
-    """Keep optimizer states on CPU between stages."""
-
-
-@dataclass
-class ActorConfig:
-    global_batch_size: int = 16
-    """Prompts per optimizer step (x rollout.n responses); rollout_batch_size must be a multiple."""
-    micro_batch_size_per_device_for_update: int = 8
-    """Responses per forward/backward; gradients accumulate over micro-batches."""
-    micro_batch_size_per_device_for_experience: int = 16
-    """Responses per no-grad forward when computing old/ref log-probs."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
-    max_grad_norm: float = 1.0
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.3
-    """Clip-higher: the upper clip range may differ from the lower one."""
-    clip_ratio_dual: float = 3.0
-    """Dual clip: bound on the loss for negative advantages (ratio c); <= 1 disables it."""
-    loss_agg_mode: str = "token-mean"
-    """token-mean, seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm."""
-    entropy_coeff: float = 0.0
-    """Entropy bonus weight (entropy is always reported)."""
-    use_torch_compile: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
-    # Filled from `algorithm` by PPOConfig.__post_init__ so workers need only their own section.
-    use_kl_loss: bool = field(default=True, metadata={"derived": True})
-    kl_penalty: str = field(default="low_var_kl", metadata={"derived": True})
-    kl_coef: float = field(default=1e-2, metadata={"derived": True})
-
-
-@dataclass
-class RolloutConfig:
-    name: str = "hf"
-    """Rollout engine: hf (transformers generate) or vllm."""
-    n: int = 8
-    """Samples per prompt (the GRPO group size)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    """-1 disables top-k."""
-    seed: int = 1
-    val_temperature: float = 0.0
-    """Validation sampling temperature; 0 is greedy."""
-    val_top_p: float = 1.0
-    val_n: int = 1
-    """Samples per validation prompt."""
-    micro_batch_size: int = 64
-    """hf engine: sequences generated at once."""
-    tensor_parallel_size: int = 1
-    """vllm: tensor-parallel size."""
-    gpu_memory_utilization: float = 0.6
-    """vllm: fraction of GPU memory for weights and KV cache."""
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    """vllm: defaults to max_prompt_length + max_response_length."""
-    enforce_eager: bool = False
-    enable_chunked_prefill: bool = False
-    limit_images: int = 0
-    """vllm: images per prompt (0: as many as the data holds)."""
-    disable_tqdm: bool = True
-    # Filled from `data` by PPOConfig.__post_init__.
-    prompt_length: int = field(default=512, metadata={"derived": True})
-    response_length: int = field(default=64, metadata={"derived": True})
-
-
-@dataclass
-class RefConfig:
-    micro_batch_size_per_device_for_experience: int = 16
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
-
-
-@dataclass
-class RewardConfig:
-    reward_type: str = "batch"
-    """batch: one call with every response; sequential: one call per response."""
-    reward_function: str = "examples/reward_function/digit_sum.py:compute_score"
-    """`path/to/file.py:function_name`."""
-    reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments passed to the reward function."""
-    skip_special_tokens: bool = True
-
-
-@dataclass
-class WorkerConfig:
-    actor: ActorConfig = field(default_factory=ActorConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    ref: RefConfig = field(default_factory=RefConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-
-
-@dataclass
 class SelfRewardConfig:
     enable: str = "auto"
     """auto: run when the reward function asks for description answers; true / false force it."""
@@ -265,9 +118,6 @@ class SelfRewardConfig:
     """Give no visual credit to a description that already states the ground-truth answer."""
     during_validation: bool = True
     """Also run on validation batches (measures perception accuracy on held-out data)."""
-
-
-LOGGERS = ("console", "file", "wandb", "tensorboard")
 
 
 @dataclass
@@ -337,8 +187,8 @@ class RunConfig:
 
     def check(self) -> None:
         """The rules of these keys; raises ConfigError naming the key (as `trainer.<key>`)."""
-        require(self.backend in ("auto", "local", "ray"), "trainer.backend", "must be auto, local or ray")
-        require(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+        require_choice(self.backend, BACKENDS, "trainer.backend")
+        require_choice(self.device, DEVICES, "trainer.device")
         require(self.nnodes > 0, "trainer.nnodes", "must be positive")
         require(self.n_gpus_per_node > 0, "trainer.n_gpus_per_node", "must be positive")
         require(
@@ -347,10 +197,11 @@ class RunConfig:
             f"local runs one worker; nnodes x n_gpus_per_node is {self.world_size} (use backend=ray)",
         )
         require(self.total_epochs > 0, "trainer.total_epochs", "must be positive")
+        require(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", "must be positive (or null)")
         require(self.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
         require(self.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
         for name in self.logger:
-            require(name in LOGGERS, "trainer.logger", f"unknown logger {name!r} ({', '.join(LOGGERS)})")
+            require_choice(name, sorted(LOGGERS), "trainer.logger")
 
 
 @dataclass
@@ -377,17 +228,14 @@ class PPOConfig:
         self.trainer.fill_derived()
 
     def validate(self) -> None:
-        """Check rules that span keys; raises ConfigError naming the key and the rule."""
-        data, actor, rollout, algo, trainer = (
-            self.data,
-            self.worker.actor,
-            self.worker.rollout,
-            self.algorithm,
-            self.trainer,
-        )
+        """Check every key's value and the rules that span keys; raises ConfigError naming the key."""
+        data, actor, rollout, trainer = self.data, self.worker.actor, self.worker.rollout, self.trainer
+        self.worker.check("worker")
+        trainer.check()
         world = trainer.world_size
         require(data.rollout_batch_size > 0, "data.rollout_batch_size", "must be positive")
-        require(rollout.n >= 1, "worker.rollout.n", "must be at least 1")
+        require(data.max_prompt_length > 0, "data.max_prompt_length", "must be positive")
+        require(data.max_response_length > 0, "data.max_response_length", "must be positive")
         require(
             data.rollout_batch_size % actor.global_batch_size == 0,
             "data.rollout_batch_size",
@@ -405,113 +253,58 @@ class PPOConfig:
             "worker.actor.micro_batch_size_per_device_for_update",
             f"must divide the per-device update batch global_batch_size x n / devices = {per_device // world}",
         )
-        require(
-            actor.micro_batch_size_per_device_for_experience > 0,
-            "worker.actor.micro_batch_size_per_device_for_experience",
-            "must be positive",
-        )
-        require(0 <= actor.clip_ratio_low < 1, "worker.actor.clip_ratio_low", "must be in [0, 1)")
-        require(actor.clip_ratio_high >= 0, "worker.actor.clip_ratio_high", "must be >= 0")
-        require(
-            actor.loss_agg_mode
-            in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-            "worker.actor.loss_agg_mode",
-            "must be one of token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm",
-        )
-        require(
-            actor.optim.strategy in ("adamw", "adamw_bf16"),
-            "worker.actor.optim.strategy",
-            "must be adamw or adamw_bf16",
-        )
-        require(
-            actor.optim.lr_scheduler_type in ("constant", "warmup", "cosine"),
-            "worker.actor.optim.lr_scheduler_type",
-            "must be constant, warmup or cosine",
-        )
-        require(algo.kl_type in ("fixed", "adaptive"), "algorithm.kl_type", "must be fixed or adaptive")
-        require(
-            algo.kl_penalty in ("kl", "abs", "mse", "low_var_kl", "full"),
-            "algorithm.kl_penalty",
-            "must be one of kl, abs, mse, low_var_kl, full",
-        )
-        require(
-            algo.advantage_mode in ("summed", "decoupled"), "algorithm.advantage_mode", "must be summed or decoupled"
-        )
+        self._check_algorithm()
+        require_choice(self.self_reward.enable, SELF_REWARD_MODES, "self_reward.enable")
+        if data.format_prompt is not None:
+            require(os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}")
+
+    def _check_algorithm(self) -> None:
+        algo, rollout = self.algorithm, self.worker.rollout
+        require_choice(algo.adv_estimator, sorted(ADV_ESTIMATORS), "algorithm.adv_estimator")
         require(
             algo.adv_estimator not in ("grpo", "dr_grpo", "rloo") or rollout.n > 1,
             "worker.rollout.n",
             f"must be > 1 for the group-based estimator {algo.adv_estimator}",
         )
-        trainer.check()
+        require_choice(algo.advantage_mode, ADVANTAGE_MODES, "algorithm.advantage_mode")
+        if algo.advantage_mode == "decoupled":
+            require(
+                len(algo.decoupled_weights) > 0,
+                "algorithm.decoupled_weights",
+                "advantage_mode=decoupled needs at least one component weight, e.g. {accuracy: 0.9, format: 0.1}",
+            )
+        require_choice(algo.kl_penalty, KL_MODES, "algorithm.kl_penalty")
+        require_choice(algo.kl_type, KL_CONTROLLERS, "algorithm.kl_type")
+        kl_on = not algo.disable_kl
         require(
-            self.self_reward.enable in ("auto", "true", "false"),
-            "self_reward.enable",
-            "must be auto, true or false",
+            not (kl_on and algo.kl_penalty == "full" and not algo.use_kl_loss),
+            "algorithm.kl_penalty",
+            "full needs whole distributions, which only the actor update has: use it with algorithm.use_kl_loss=true "
+            "(the reward penalty sees only the sampled tokens' log-probs)",
         )
         require(
-            ":" in self.worker.reward.reward_function,
-            "worker.reward.reward_function",
-            "must look like path/to/file.py:function_name",
+            not (kl_on and algo.kl_type == "adaptive" and algo.use_kl_loss),
+            "algorithm.kl_type",
+            "adaptive steers the KL penalty in the reward and would be ignored with algorithm.use_kl_loss=true "
+            "(set use_kl_loss=false, or kl_type=fixed)",
         )
+        require(algo.max_refills >= 0, "algorithm.max_refills", "must be >= 0")
+
+
+def reward_keys_rule(config: PPOConfig, reward_keys: set[str]) -> None:
+    """The keys that name reward components (decoupled weights, the dynamic-sampling filter) must be
+    keys the reward function returns; checked on a probe call before any model loads."""
+    algo = config.algorithm
+    if algo.advantage_mode == "decoupled":
+        unknown = sorted(set(algo.decoupled_weights) - reward_keys)
         require(
-            self.worker.reward.reward_type in ("batch", "sequential"),
-            "worker.reward.reward_type",
-            "must be batch or sequential",
+            not unknown,
+            "algorithm.decoupled_weights",
+            f"{unknown} are not keys the reward function returns (it returns {sorted(reward_keys)})",
         )
-        if data.format_prompt is not None:
-            require(os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}")
-
-
-def _derived_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for f in fields(cls):
-        if f.metadata.get("derived"):
-            keys.append(prefix + f.name)
-        default = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
-        if is_dataclass(default):
-            keys.extend(_derived_keys(type(default), prefix + f.name + "."))
-    return keys
-
-
-def _merge(schema_cls: type, sources: list[tuple[str, Any]]) -> Any:
-    base = OmegaConf.structured(schema_cls)
-    for origin, source in sources:
-        try:
-            base = OmegaConf.merge(base, source)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            reason = str(exc).splitlines()[0]
-            raise ConfigError(f"config key `{key}` from {origin}: {reason}") from None
-    return base
-
-
-def load_config(argv: list[str], schema_cls: type = PPOConfig) -> Any:
-    """Build a config from `config=FILE` and `key=value` arguments (defaults < file < command line)."""
-    file_args = [a for a in argv if a.startswith("config=")]
-    overrides = [a for a in argv if not a.startswith("config=")]
-    for arg in overrides:
-        if "=" not in arg:
-            raise ConfigError(f"argument {arg!r}: expected key=value or config=FILE")
-    derived = set(_derived_keys(schema_cls))
-    sources: list[tuple[str, Any]] = []
-    for arg in file_args:
-        path = arg.split("=", 1)[1]
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        sources.append((path, OmegaConf.load(path)))
-    cli = OmegaConf.from_dotlist(overrides)
-    sources.append(("the command line", cli))
-    for origin, source in sources:
-        for key in derived:
-            if OmegaConf.select(source, key, default=None) is not None:
-                raise ConfigError(f"config key `{key}` from {origin}: derived from other keys; do not set it")
-    merged = _merge(schema_cls, sources)
-    config = OmegaConf.to_object(merged)
-    if hasattr(config, "validate"):
-        config.validate()
-    return config
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (for logging and saving beside checkpoints)."""
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+    if algo.online_filtering:
+        require(
+            algo.filter_key in reward_keys,
+            "algorithm.filter_key",
+            f"{algo.filter_key!r} is not a key the reward function returns (it returns {sorted(reward_keys)})",
+        )

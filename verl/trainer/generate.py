@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from verl.models.loading import load_model, load_tokenizer_and_processor, resolve_attn_implementation
-from verl.trainer.config import ConfigError, load_config
+from verl.protocol import SamplingParams
+from verl.utils.config import ConfigError, load_config
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
-from verl.workers.fsdp_worker import resolve_device
-from verl.workers.rollout.base import SamplingParams
+from verl.utils.device import resolve_device
 from verl.workers.rollout.hf_rollout import HFRollout
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from verl.trainer.config import ConfigError, PPOConfig, RunConfig, load_config, to_dict
+from verl.trainer.config import PPOConfig, RunConfig, reward_keys_rule
+from verl.utils.config import ConfigError, load_config, to_dict
 
 logger = logging.getLogger("verl")
 
@@ -29,11 +30,13 @@ def configure_threads(torch_threads: int | None) -> None:
 
 
 def build_trainer(config: PPOConfig):
-    """Everything `fit()` needs, built in dependency order; returns the trainer."""
+    """Everything `fit()` needs, built in dependency order; returns the trainer. Everything that can
+    be checked without a model (data, reward function, reward keys) is checked before any loads."""
     from verl.models.loading import load_tokenizer_and_processor
+    from verl.reward import RewardFunction
     from verl.trainer.ppo_trainer import PPOTrainer
     from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
-    from verl.workers.reward import RewardFunction
+    from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
     data = config.data
     reward_cfg = config.worker.reward
@@ -64,16 +67,31 @@ def build_trainer(config: PPOConfig):
         val_set = PromptDataset(data.val_files, tokenizer, processor, dataset_cfg)
         val_batch = len(val_set) if data.val_batch_size <= 0 else data.val_batch_size
         val_loader = PromptLoader(val_set, val_batch, False, data.seed, tokenizer.pad_token_id, drop_last=False)
+    if config.algorithm.advantage_mode == "decoupled" or config.algorithm.online_filtering:
+        check_reward_keys(config, reward_fn, train_set[0])
 
     # The lr schedule's length.
     config.worker.actor.optim.training_steps = config.trainer.total_steps(len(train_loader))
-
-    from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
     worker_kwargs = {"config": config.worker, "need_ref": not config.algorithm.disable_kl, "seed": config.trainer.seed}
     worker_group = build_worker_group(ActorRolloutRefWorker, worker_kwargs, config.trainer)
     logger.info("model parameters: %s", worker_group.init_model())
     return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn)
+
+
+def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, Any]) -> None:
+    """Score an empty response to the first training row and check that the keys the config names
+    (decoupled weights, the dynamic-sampling filter) are among the reward's components."""
+    probe = {
+        "response": "",
+        "response_length": 0,
+        "ground_truth": first_row["ground_truth"],
+        "question": first_row["question"],
+        "description_answers": [] if reward_fn.needs_description_answers else None,
+        "extra": first_row["extra"],
+    }
+    (score,) = reward_fn([probe])
+    reward_keys_rule(config, set(score))
 
 
 def build_worker_group(worker_cls: type, worker_kwargs: dict[str, Any], run: RunConfig) -> Any:
@@ -128,7 +146,12 @@ def run_cli(argv: list[str] | None, schema_cls: type, build: Callable[[Any], Any
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
     with stop_ray_started_here():
-        return build(config).fit()
+        try:
+            trainer = build(config)
+        except ConfigError as exc:  # found by a check that needs the data or the reward function
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

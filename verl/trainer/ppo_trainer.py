@@ -18,17 +18,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from verl.protocol import DataProto
-from verl.trainer import core_algos
-from verl.trainer.config import PPOConfig, to_dict
+from verl.algorithms import core_algos
+from verl.protocol import DataProto, SamplingParams
+from verl.reward import RewardFunction, aggregate_reward_metrics
+from verl.trainer.config import PPOConfig
 from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics
 from verl.trainer.self_reward import SelfRewardStage
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
+from verl.utils.config import to_dict
 from verl.utils.dataset import PromptLoader
 from verl.utils.timer import timer
 from verl.utils.tracking import Tracker
-from verl.workers.reward import RewardFunction, aggregate_reward_metrics
-from verl.workers.rollout.base import SamplingParams
+from verl.workers.contract import ActorRolloutRefGroup
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class PPOTrainer:
         self,
         config: PPOConfig,
         tokenizer: Any,
-        worker_group: Any,
+        worker_group: ActorRolloutRefGroup,
         train_loader: PromptLoader,
         val_loader: PromptLoader | None,
         reward_fn: RewardFunction,
@@ -58,6 +59,8 @@ class PPOTrainer:
         self.checkpoint_root = config.trainer.save_checkpoint_path
         self.global_step = 0
         self.total_steps = config.trainer.total_steps(len(train_loader))
+        self.tracker: Tracker | None = None
+        self.last_val_generations: list[dict[str, Any]] = []
 
     # ================================================================ the loop
     def fit(self) -> dict[str, float]:
@@ -73,12 +76,11 @@ class PPOTrainer:
             resume=self.global_step > 0,
         )
         if cfg.val_only:
-            metrics = self.validate(write_generations=True)
-            self.tracker.log(metrics, step=self.global_step)
+            metrics = self._validate_and_log(write_generations=True)
             self.tracker.finish()
             return metrics
         if cfg.val_before_train and self.global_step == 0 and self.val_loader is not None:
-            self.tracker.log(self.validate(), step=0)
+            self._validate_and_log()
 
         metrics: dict[str, float] = {}
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc="GRPO", disable=None)
@@ -111,6 +113,7 @@ class PPOTrainer:
                 ):
                     with timer("validation", timings):
                         metrics.update(self.validate())
+                    self.tracker.log_generations(self._logged_generations(), step=self.global_step)
 
             metrics.update(compute_data_metrics(batch))
             metrics.update(compute_throughput_metrics(batch, timings))
@@ -302,15 +305,19 @@ class PPOTrainer:
 
     # ================================================================ validation
     def validate(self, write_generations: bool = False) -> dict[str, float]:
-        """Greedy (by default) generation on the validation set; metrics are `val/...`."""
-        assert self.val_loader is not None
+        """Greedy (by default) generation on the validation set; returns metrics `val/...`.
+
+        Needs only the worker group and the loaders, so it runs outside `fit()` too. Every row
+        (question, response, scores) stays in `last_val_generations`; with `write_generations` they
+        also go to `<save_checkpoint_path>/generations_step_<N>.jsonl`.
+        """
+        if self.val_loader is None:
+            raise ValueError("validate: no validation data (data.val_files is null)")
         sampling = self._sampling(validation=True)
         all_scores: list[dict[str, float]] = []
         rows: list[dict[str, Any]] = []
         stage_metrics: dict[str, list[float]] = defaultdict(list)
-        loader = self.val_loader
-        loader.epoch, loader.batches_done = 0, 0
-        for prompts in loader:
+        for prompts in self.val_loader.single_pass():
             batch = self._generate(prompts, sampling)
             batch.non_tensor_batch["response_text"] = np.array(self._decode(batch), dtype=object)
             if self.self_reward.active and self.config.self_reward.during_validation:
@@ -329,10 +336,9 @@ class PPOTrainer:
                         "score": score,
                     }
                 )
-        loader.epoch, loader.batches_done = 0, 0
         metrics = {f"val/{k}": v for k, v in aggregate_reward_metrics(all_scores).items()}
         metrics.update({f"val/{k}": float(np.mean(v)) for k, v in stage_metrics.items()})
-        self.tracker.log_generations(rows[: self.config.trainer.val_generations_to_log], step=self.global_step)
+        self.last_val_generations = rows
         if write_generations:
             os.makedirs(self.checkpoint_root, exist_ok=True)
             path = os.path.join(self.checkpoint_root, f"generations_step_{self.global_step}.jsonl")
@@ -340,6 +346,15 @@ class PPOTrainer:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             logger.info("wrote %d validation generations to %s", len(rows), path)
+        return metrics
+
+    def _logged_generations(self) -> list[dict[str, Any]]:
+        return self.last_val_generations[: self.config.trainer.val_generations_to_log]
+
+    def _validate_and_log(self, write_generations: bool = False) -> dict[str, float]:
+        metrics = self.validate(write_generations)
+        self.tracker.log(metrics, step=self.global_step)
+        self.tracker.log_generations(self._logged_generations(), step=self.global_step)
         return metrics
 
     # ================================================================ checkpoints

@@ -22,9 +22,8 @@ import torch
 from jinja2 import Template
 from transformers import PreTrainedTokenizerBase
 
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 from verl.trainer.config import SelfRewardConfig
-from verl.workers.rollout.base import SamplingParams
 
 
 def description_pattern(config: SelfRewardConfig) -> re.Pattern[str]:

@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl.trainer.config import RunConfig, require
+from verl.trainer.config import RunConfig
+from verl.utils.config import require
+from verl.workers.config import SFTModelConfig, SFTOptimConfig
 
 COLD_START_DIR = "tiny_world/data/cold_start"
 
@@ -50,41 +52,6 @@ class SFTDataConfig:
     """Batch examples of similar length together (less padding; batches are still visited in random order). Off as in the original: where subsets differ in length, batches would each hold one subset."""
     seed: int = 1
     """Seed of the data order and of the per-file sampling."""
-
-
-@dataclass
-class SFTModelConfig:
-    model_path: str = "tiny_world/models/qwen2_5_vl"
-    """Hugging Face folder (or a checkpoint's `actor/` folder) of the model to fine-tune."""
-    tokenizer_path: str | None = None
-    """Defaults to `model_path`."""
-    trust_remote_code: bool = False
-    torch_dtype: str = "fp32"
-    """Parameter (and optimizer-state) dtype: fp32 or bf16."""
-    attn_implementation: str = "auto"
-    """auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager or flash_attention_2."""
-    enable_gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
-    freeze_vision_tower: bool = True
-    """Keep the vision encoder (patch embedding and blocks) fixed, as the original cold start did."""
-    freeze_projector: bool = True
-    """Keep the vision-to-language projector (Qwen-VL's patch merger) fixed, as the original cold start did."""
-
-
-@dataclass
-class SFTOptimConfig:
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    """constant, warmup (linear warm-up then constant) or cosine (after the warm-up)."""
-    lr_warmup_ratio: float = 0.1
-    """Fraction of training steps used for warm-up (ignored when `lr_warmup_steps` >= 0)."""
-    lr_warmup_steps: int = -1
-    min_lr_ratio: float = 0.0
-    """Cosine schedule: final lr as a fraction of `lr`."""
-    max_grad_norm: float = 1.0
-    """Gradients are clipped to this global norm; a step with a non-finite norm is skipped."""
 
 
 @dataclass
@@ -146,12 +113,9 @@ class SFTConfig:
         require(data.batch_size > 0, "data.batch_size", "must be positive")
         require(data.max_length > 0, "data.max_length", "must be positive")
         require(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
-        require(model.torch_dtype in ("fp32", "bf16"), "model.torch_dtype", "must be fp32 or bf16")
-        require(
-            optim.lr_scheduler_type in ("constant", "warmup", "cosine"),
-            "optim.lr_scheduler_type",
-            "must be constant, warmup or cosine",
-        )
+        model.check("model")
+        optim.check("optim")
+        require(optim.max_grad_norm > 0, "optim.max_grad_norm", "must be positive")
         trainer.check()
         require(
             data.batch_size % trainer.world_size == 0,

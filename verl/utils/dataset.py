@@ -323,6 +323,20 @@ class EpochLoader(ABC):
         self.epoch += 1
         self.batches_done = 0
 
+    def restart(self) -> None:
+        """Back to the first batch of the first epoch."""
+        self.epoch = 0
+        self.batches_done = 0
+
+    def single_pass(self) -> Iterator[DataProto]:
+        """Every batch of epoch 0 once, from the start (validation and evaluation data); the loader
+        is left at the start again, so passes never depend on each other."""
+        self.restart()
+        try:
+            yield from self
+        finally:
+            self.restart()
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
 

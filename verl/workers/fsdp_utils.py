@@ -12,7 +12,6 @@ can never hang: this takes the place of a dummy vision pass, without hooking int
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -33,19 +32,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
 from verl.models.loading import load_model, resolve_dtype, vision_tower
+from verl.utils.network import free_port
 
 # Collectives (and joining the group) give up after this long instead of waiting forever on a dead peer.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 # --- process group -------------------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for MASTER_PORT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group described by torchrun-style variables and return (rank, world size).
 
@@ -298,37 +291,6 @@ class CPUOffload:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-TRAINING_STATE = "training_state.pt"
-"""File of a checkpoint's actor folder with the lr schedule, the RNG and (from one worker) the optimizer state."""
-
-
-def write_training_state(
-    path: str, optimizer_state: dict[str, object] | None, lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-) -> None:
-    """Write `path/training_state.pt`: `optimizer_state` (None when it is saved sharded), the lr
-    schedule and this process's CPU and CUDA RNG."""
-    state = {
-        "optimizer": optimizer_state,
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(state, os.path.join(path, TRAINING_STATE))
-
-
-def read_training_state(path: str) -> dict[str, object]:
-    return torch.load(os.path.join(path, TRAINING_STATE), weights_only=False)
-
-
-def restore_schedule_and_rng(state: dict[str, object], lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """Put back what `write_training_state` saved besides the optimizer; last, so that nothing
-    loaded afterwards draws from the restored RNG."""
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
 def save_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: bool = True) -> None:
     """Every rank writes its own shards of the optimizer states, and of the weights unless
     `weights` is False (torch.distributed.checkpoint)."""

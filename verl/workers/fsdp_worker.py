@@ -4,9 +4,8 @@ The controller talks to it only through a worker group (verl.single_controller);
 runs in-process (`trainer.backend=local`) and as a Ray actor. With several workers (or on a GPU)
 the models are sharded with FSDP2 (verl.workers.fsdp_utils); a single CPU worker keeps plain modules.
 
-Checkpoints: one worker writes a Hugging Face folder plus `training_state.pt`; several workers write
-`sharded/` (torch.distributed.checkpoint) with the HF config, tokenizer and processor beside it.
-Either loads into any number of workers; scripts/model_merger.py turns either into an HF folder.
+Checkpoints are in the layout every worker shares (verl/workers/checkpoint.py): a Hugging Face
+folder plus the optimizer state's shards, loadable into any number of workers.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
@@ -23,52 +21,21 @@ import torch
 import torch.distributed as dist
 
 from verl.models.loading import (
-    load_model,
+    freeze_vision_parts,
     load_tokenizer_and_processor,
     resolve_attn_implementation,
     resolve_dtype,
-    vision_tower,
 )
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 from verl.single_controller.dispatch import Dispatch, register
-from verl.trainer.config import FSDPConfig, OptimConfig, WorkerConfig
-from verl.workers import fsdp_utils
+from verl.utils.device import resolve_device
+from verl.workers import checkpoint, fsdp_utils
 from verl.workers.actor.dp_actor import ADDITIVE_METRICS, DataParallelActor
-from verl.workers.optimizer import build_optimizer
+from verl.workers.config import FSDPConfig, WorkerConfig
+from verl.workers.optimizer import build_lr_scheduler, build_optimizer
 from verl.workers.rollout import get_rollout_engine
-from verl.workers.rollout.base import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-SHARDED_DIR = "sharded"
-"""Sub-folder of a multi-worker checkpoint holding the torch.distributed.checkpoint shards."""
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """constant, warmup (linear, then constant) or cosine (after the warm-up) schedules."""
-    total = max(config.training_steps, 1)
-    warmup = config.lr_warmup_steps if config.lr_warmup_steps >= 0 else int(config.lr_warmup_ratio * total)
-
-    def factor(step: int) -> float:
-        if config.lr_scheduler_type != "constant" and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if config.lr_scheduler_type == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def resolve_device(name: str) -> torch.device:
-    """cpu, or this process's GPU (`LOCAL_RANK`, as set by the Ray worker group or torchrun)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
 
 
 class ActorRolloutRefWorker:
@@ -137,11 +104,11 @@ class ActorRolloutRefWorker:
 
         def prepare(model: torch.nn.Module) -> None:
             model.requires_grad_(trainable)
-            if trainable and model_cfg.freeze_vision_tower:
-                tower = vision_tower(model)
-                if tower is None:
+            if trainable:
+                # As in EasyR1: freezing the vision tower freezes its projector too.
+                freeze = model_cfg.freeze_vision_tower
+                if not freeze_vision_parts(model, freeze_tower=freeze, freeze_projector=freeze) and freeze:
                     raise ValueError("worker.actor.model.freeze_vision_tower=true but the model has no vision tower")
-                tower.requires_grad_(False)
             if trainable and model_cfg.enable_gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -220,45 +187,17 @@ class ActorRolloutRefWorker:
     # --- checkpoints -------------------------------------------------------------------------
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
-        """One worker: an HF folder (loadable as a model). Several: `sharded/` with the HF config,
-        generation config, tokenizer and processor beside it. Both: `training_state.pt` (optimizer
-        state for one worker, lr schedule, RNG) and `worker_config.json`."""
+        """The shared worker layout (verl/workers/checkpoint.py) plus `worker_config.json`."""
         with self.actor_offload.loaded(with_optimizer=True):
-            if self.world_size > 1:
-                fsdp_utils.save_sharded(os.path.join(path, SHARDED_DIR), self.model, self.optimizer)
-                weights, optimizer_state = None, None
-            else:
-                weights, optimizer_state = fsdp_utils.full_state(self.model, self.optimizer)
-        if self.rank != 0:
-            return
-        os.makedirs(path, exist_ok=True)
-        if weights is None:
-            self.model.config.save_pretrained(path)
-            if self.model.generation_config is not None:
-                self.model.generation_config.save_pretrained(path)
-        else:
-            # Hand over the gathered weights: a sharded model's own state dict holds only this rank's shards.
-            self.model.save_pretrained(path, state_dict=weights if self.sharded else None, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        if self.processor is not None:
-            self.processor.save_pretrained(path)
-        fsdp_utils.write_training_state(path, optimizer_state, self.lr_scheduler)
-        with open(os.path.join(path, "worker_config.json"), "w") as f:
-            json.dump(asdict(self.config), f, indent=2, default=str)
+            checkpoint.save_checkpoint(
+                path, self.model, self.optimizer, self.lr_scheduler, self.tokenizer, self.processor
+            )
+        if self.rank == 0:
+            with open(os.path.join(path, "worker_config.json"), "w") as f:
+                json.dump(asdict(self.config), f, indent=2, default=str)
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
         """Restore weights, optimizer, scheduler and RNG from a checkpoint written by any number of workers."""
-        state = fsdp_utils.read_training_state(path)
-        sharded_dir = os.path.join(path, SHARDED_DIR)
         with self.actor_offload.loaded(with_optimizer=True):
-            if os.path.isdir(sharded_dir):
-                fsdp_utils.load_sharded(sharded_dir, self.model, self.optimizer)
-            else:
-                # One worker saved: rank 0 reads the folder and hands every rank its shards.
-                weights, optimizer_state = {}, {}
-                if self.rank == 0:
-                    weights = load_model(path, next(self.model.parameters()).dtype, "sdpa").state_dict()
-                    optimizer_state = state["optimizer"]
-                fsdp_utils.load_full_state(self.model, self.optimizer, weights, optimizer_state)
-        fsdp_utils.restore_schedule_and_rng(state, self.lr_scheduler)
+            checkpoint.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)

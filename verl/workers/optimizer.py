@@ -1,12 +1,20 @@
-"""The actor's optimizers: torch's AdamW, or an AdamW that keeps its states in bf16 (`adamw_bf16`)."""
+"""Optimizers, lr schedules and the optimizer step, shared by the RL actor and the SFT worker.
+
+Optimizers: torch's AdamW, or an AdamW that keeps its states in bf16 (`adamw_bf16`). Schedules:
+constant, warmup (linear, then constant) or cosine (after the warm-up). `clip_and_step` is the one
+place a step is taken: clip to the global norm, skip the step when the norm is not finite.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from verl.trainer.config import OptimConfig
+if TYPE_CHECKING:
+    from verl.workers.config import OptimConfig
 
 
 class AdamWBF16(torch.optim.Optimizer):
@@ -62,11 +70,53 @@ class AdamWBF16(torch.optim.Optimizer):
         return loss
 
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adamw_bf16": AdamWBF16}
+"""`optim.strategy` -> optimizer class: adamw (torch's, states in the parameters' dtype) or adamw_bf16."""
+LR_SCHEDULES = ("constant", "warmup", "cosine")
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """`worker.actor.optim.strategy`: adamw (torch's, states in the parameters' dtype) or adamw_bf16."""
-    kwargs = {"lr": config.lr, "betas": tuple(config.betas), "weight_decay": config.weight_decay}
-    if config.strategy == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    if config.strategy == "adamw_bf16":
-        return AdamWBF16(params, **kwargs)
-    raise ValueError(f"worker.actor.optim.strategy={config.strategy!r}: expected adamw or adamw_bf16")
+    """The optimizer `config.strategy` names, over `params`."""
+    if config.strategy not in OPTIMIZERS:
+        raise ValueError(f"optim.strategy={config.strategy!r}: expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[config.strategy](
+        params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+    )
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant, warmup (linear, then constant) or cosine (after the warm-up) over `config.training_steps`."""
+    if config.lr_scheduler_type not in LR_SCHEDULES:
+        raise ValueError(f"optim.lr_scheduler_type={config.lr_scheduler_type!r}: expected one of {LR_SCHEDULES}")
+    total = max(config.training_steps, 1)
+    warmup = config.lr_warmup_steps if config.lr_warmup_steps >= 0 else int(config.lr_warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if config.lr_scheduler_type != "constant" and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler_type == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_and_step(
+    params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float
+) -> tuple[float, bool]:
+    """Clip the accumulated gradients to `max_grad_norm` (global norm, over every rank when sharded),
+    step unless the norm is not finite, and clear the gradients. Returns (grad norm, stepped).
+
+    A non-finite norm means a broken batch (an overflow, a NaN reward that slipped through): skipping
+    it keeps the weights and optimizer moments intact.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params), max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    stepped = math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped

@@ -5,18 +5,18 @@ The same code runs on one process and under FSDP (each rank updating its share o
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from verl.algorithms import core_algos
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.protocol import DataProto
-from verl.trainer import core_algos
-from verl.trainer.config import ActorConfig
 from verl.workers import fsdp_utils
+from verl.workers.config import ActorConfig
+from verl.workers.optimizer import clip_and_step
 
 
 def forward_response_logits(
@@ -73,7 +73,7 @@ class DataParallelActor:
         self.optimizer = optimizer
         # Only the `full` KL estimator needs the reference model inside the update (full distributions).
         self.ref_model = ref_model
-        self.policy_loss = core_algos.get_policy_loss("ppo")
+        self.policy_loss = core_algos.get_policy_loss(config.policy_loss)
 
     @torch.no_grad()
     def compute_log_probs(
@@ -117,17 +117,8 @@ class DataParallelActor:
                     # micro-batch parts add up. Other metrics are averaged.
                     summed = key in ADDITIVE_METRICS
                     metrics[key].append(sum(values) if summed else sum(values) / len(values))
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                grad_norm = float(grad_norm)
-                if math.isfinite(grad_norm):
-                    self.optimizer.step()
-                    metrics["actor/skipped_steps"].append(0.0)
-                else:
-                    # A non-finite norm means a broken batch: skip it rather than corrupt the weights.
-                    metrics["actor/skipped_steps"].append(1.0)
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm, stepped = clip_and_step(self.model.parameters(), self.optimizer, cfg.max_grad_norm)
+                metrics["actor/skipped_steps"].append(float(not stepped))
                 metrics["actor/grad_norm"].append(grad_norm)
         return {
             key: (float(sum(values)) if key == "actor/skipped_steps" else float(sum(values) / len(values)))

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from verl.models.multimodal import batch_multimodal_inputs
 from verl.models.positions import compute_position_ids
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -60,23 +59,6 @@ def rollout_output(
         non_tensors=prompts.non_tensor_batch,
         meta_info=meta_info,
     )
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 64
-    seed: int = 0
-    """Seeds this call's sampling, so a step's samples do not depend on what ran before it."""
-    return_log_probs: bool = False
-    """Also return `rollout_log_probs`: the sampler's own log-probs of the chosen tokens (at `temperature`)."""
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
 
 
 class RolloutEngine(ABC):

@@ -7,10 +7,9 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from verl.models.multimodal import batch_multimodal_inputs, multimodal_token_ids, reset_rope_cache
 from verl.models.positions import multimodal_token_types
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 from verl.workers.rollout.base import (
     RolloutEngine,
-    SamplingParams,
     eos_token_ids,
     register_rollout_engine,
     rollout_output,

@@ -29,10 +29,9 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from verl.models.multimodal import multimodal_token_ids
-from verl.protocol import DataProto
+from verl.protocol import DataProto, SamplingParams
 from verl.workers.rollout.base import (
     RolloutEngine,
-    SamplingParams,
     eos_token_ids,
     register_rollout_engine,
     rollout_output,
@@ -40,7 +39,7 @@ from verl.workers.rollout.base import (
 from verl.workers.rollout.vllm_weights import actor_weights, check_landing, check_vllm_version, load_in_worker
 
 if TYPE_CHECKING:
-    from verl.trainer.config import RolloutConfig
+    from verl.workers.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 

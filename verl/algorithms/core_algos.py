@@ -480,6 +480,9 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
 def get_kl_controller(
     kl_type: str, kl_coef: float, target_kl: float, horizon: float
 ) -> FixedKLController | AdaptiveKLController:
@@ -488,4 +491,4 @@ def get_kl_controller(
         return FixedKLController(kl_coef)
     if kl_type == "adaptive":
         return AdaptiveKLController(kl_coef, target_kl, horizon)
-    raise ValueError(f"get_kl_controller: unknown kl_type {kl_type!r}; valid types: fixed, adaptive")
+    raise ValueError(f"get_kl_controller: unknown kl_type {kl_type!r}; valid types: {', '.join(KL_CONTROLLERS)}")

@@ -1,0 +1,259 @@
+"""The worker layer's configs: model, optimizer, FSDP, offload, actor, rollout, reference, reward.
+
+The RL trainer's config composes them under `worker.*` (verl/trainer/config.py) and the SFT
+trainer's under `model.*` and `optim.*` (verl/trainer/sft_config.py); the workers receive only
+these. Each class checks its own keys (`check(prefix)`) against the registries the code
+dispatches on, so a value the code cannot run fails at load, naming the key and the choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from verl.algorithms.core_algos import LOSS_AGG_MODES, POLICY_LOSSES
+from verl.models.loading import ATTN_IMPLEMENTATIONS, DTYPES
+from verl.reward.function import REWARD_TYPES
+from verl.utils.config import require, require_choice
+from verl.workers.optimizer import LR_SCHEDULES, OPTIMIZERS
+from verl.workers.rollout import ROLLOUT_ENGINES
+
+
+@dataclass
+class ModelConfig:
+    model_path: str = "tiny_world/models/qwen2_5_vl"
+    """HF folder or our checkpoint folder of the policy model."""
+    tokenizer_path: str | None = None
+    """Defaults to `model_path`."""
+    trust_remote_code: bool = False
+    enable_gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    freeze_vision_tower: bool = False
+    """Keep the vision encoder's weights fixed (RL: the whole encoder, its projector included, as in EasyR1)."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager or flash_attention_2."""
+
+    def check(self, prefix: str) -> None:
+        require_choice(self.attn_implementation, ATTN_IMPLEMENTATIONS, f"{prefix}.attn_implementation")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    strategy: str = "adamw"
+    """adamw, or adamw_bf16 (bf16 optimizer states, less memory)."""
+    lr_scheduler_type: str = "constant"
+    """constant, warmup (linear warm-up then constant) or cosine."""
+    lr_warmup_ratio: float = 0.0
+    """Fraction of training steps used for warm-up (ignored when `lr_warmup_steps` >= 0)."""
+    lr_warmup_steps: int = -1
+    min_lr_ratio: float = 0.0
+    """Cosine schedule: final lr as a fraction of `lr`."""
+    training_steps: int = -1
+    """Set by the trainer from the data size and epochs; do not set by hand."""
+
+    def check(self, prefix: str) -> None:
+        require(self.lr >= 0, f"{prefix}.lr", "must be >= 0")
+        require_choice(self.strategy, OPTIMIZERS, f"{prefix}.strategy")
+        require_choice(self.lr_scheduler_type, LR_SCHEDULES, f"{prefix}.lr_scheduler_type")
+        require(0 <= self.lr_warmup_ratio <= 1, f"{prefix}.lr_warmup_ratio", "must be in [0, 1]")
+        require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class FSDPConfig:
+    enable_full_shard: bool = True
+    """Shard parameters (True) or only gradients and optimizer states."""
+    fsdp_size: int = -1
+    """Ranks per shard group for hybrid sharding; -1 shards over all ranks."""
+    torch_dtype: str | None = None
+    """Parameter dtype: fp32 or bf16 (None: fp32 for the actor, bf16 for ref on GPU)."""
+    mp_param_dtype: str = "bf16"
+    """Mixed-precision compute dtype on GPU (CPU always computes in fp32)."""
+
+    def check(self, prefix: str) -> None:
+        if self.torch_dtype is not None:
+            require_choice(self.torch_dtype, DTYPES, f"{prefix}.torch_dtype")
+        require_choice(self.mp_param_dtype, DTYPES, f"{prefix}.mp_param_dtype")
+
+
+@dataclass
+class OffloadConfig:
+    offload_params: bool = False
+    """Keep parameters on CPU between stages."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on CPU between stages."""
+
+
+@dataclass
+class ActorConfig:
+    global_batch_size: int = 16
+    """Prompts per optimizer step (x rollout.n responses); rollout_batch_size must be a multiple."""
+    micro_batch_size_per_device_for_update: int = 8
+    """Responses per forward/backward; gradients accumulate over micro-batches."""
+    micro_batch_size_per_device_for_experience: int = 16
+    """Responses per no-grad forward when computing old/ref log-probs."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    max_grad_norm: float = 1.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.3
+    """Clip-higher: the upper clip range may differ from the lower one."""
+    clip_ratio_dual: float = 3.0
+    """Dual clip: bound on the loss for negative advantages (ratio c); <= 1 disables it."""
+    policy_loss: str = "ppo"
+    """ppo (token-level ratio) or gspo (sequence-level ratio; use small clip ratios, e.g. 3e-4 / 4e-4)."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean, seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm."""
+    entropy_coeff: float = 0.0
+    """Entropy bonus weight (entropy is always reported)."""
+    use_torch_compile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    # Filled from `algorithm` by PPOConfig.__post_init__ so workers need only their own section.
+    use_kl_loss: bool = field(default=True, metadata={"derived": True})
+    kl_penalty: str = field(default="low_var_kl", metadata={"derived": True})
+    kl_coef: float = field(default=1e-2, metadata={"derived": True})
+
+    def check(self, prefix: str) -> None:
+        require(self.ppo_epochs >= 1, f"{prefix}.ppo_epochs", "must be at least 1")
+        require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be positive")
+        require(
+            self.micro_batch_size_per_device_for_update > 0,
+            f"{prefix}.micro_batch_size_per_device_for_update",
+            "must be positive",
+        )
+        require(
+            self.micro_batch_size_per_device_for_experience > 0,
+            f"{prefix}.micro_batch_size_per_device_for_experience",
+            "must be positive",
+        )
+        require(0 <= self.clip_ratio_low < 1, f"{prefix}.clip_ratio_low", "must be in [0, 1)")
+        require(self.clip_ratio_high >= 0, f"{prefix}.clip_ratio_high", "must be >= 0")
+        require_choice(self.policy_loss, POLICY_LOSSES, f"{prefix}.policy_loss")
+        require_choice(self.loss_agg_mode, LOSS_AGG_MODES, f"{prefix}.loss_agg_mode")
+        self.model.check(f"{prefix}.model")
+        self.optim.check(f"{prefix}.optim")
+        self.fsdp.check(f"{prefix}.fsdp")
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "hf"
+    """Rollout engine: hf (transformers generate) or vllm."""
+    n: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k."""
+    seed: int = 1
+    val_temperature: float = 0.0
+    """Validation sampling temperature; 0 is greedy."""
+    val_top_p: float = 1.0
+    val_n: int = 1
+    """Samples per validation prompt."""
+    micro_batch_size: int = 64
+    """hf engine: sequences generated at once."""
+    tensor_parallel_size: int = 1
+    """vllm: tensor-parallel size."""
+    gpu_memory_utilization: float = 0.6
+    """vllm: fraction of GPU memory for weights and KV cache."""
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    """vllm: defaults to max_prompt_length + max_response_length."""
+    enforce_eager: bool = False
+    enable_chunked_prefill: bool = False
+    limit_images: int = 0
+    """vllm: images per prompt (0: as many as the data holds)."""
+    disable_tqdm: bool = True
+    # Filled from `data` by PPOConfig.__post_init__.
+    prompt_length: int = field(default=512, metadata={"derived": True})
+    response_length: int = field(default=64, metadata={"derived": True})
+
+    def check(self, prefix: str) -> None:
+        require_choice(self.name, sorted(ROLLOUT_ENGINES), f"{prefix}.name")
+        require(self.n >= 1, f"{prefix}.n", "must be at least 1")
+        require(self.val_n >= 1, f"{prefix}.val_n", "must be at least 1")
+        require(self.temperature >= 0, f"{prefix}.temperature", "must be >= 0 (0 is greedy)")
+        require(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
+        require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", "must be positive")
+        require(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size", "must be at least 1")
+        require(0 < self.gpu_memory_utilization <= 1, f"{prefix}.gpu_memory_utilization", "must be in (0, 1]")
+
+
+@dataclass
+class RefConfig:
+    micro_batch_size_per_device_for_experience: int = 16
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+    def check(self, prefix: str) -> None:
+        require(
+            self.micro_batch_size_per_device_for_experience > 0,
+            f"{prefix}.micro_batch_size_per_device_for_experience",
+            "must be positive",
+        )
+        self.fsdp.check(f"{prefix}.fsdp")
+
+
+@dataclass
+class RewardConfig:
+    reward_type: str = "batch"
+    """batch: one call with every response; sequential: one call per response."""
+    reward_function: str = "examples/reward_function/digit_sum.py:compute_score"
+    """`path/to/file.py:function_name`."""
+    reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed to the reward function."""
+    skip_special_tokens: bool = True
+
+    def check(self, prefix: str) -> None:
+        require(
+            ":" in self.reward_function, f"{prefix}.reward_function", "must look like path/to/file.py:function_name"
+        )
+        require_choice(self.reward_type, REWARD_TYPES, f"{prefix}.reward_type")
+
+
+@dataclass
+class WorkerConfig:
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def check(self, prefix: str = "worker") -> None:
+        self.actor.check(f"{prefix}.actor")
+        self.rollout.check(f"{prefix}.rollout")
+        self.ref.check(f"{prefix}.ref")
+        self.reward.check(f"{prefix}.reward")
+
+
+# --- the SFT worker ------------------------------------------------------------------------------
+@dataclass
+class SFTModelConfig(ModelConfig):
+    torch_dtype: str = "fp32"
+    """Parameter (and optimizer-state) dtype: fp32 or bf16."""
+    freeze_vision_tower: bool = True
+    """Keep the vision encoder (patch embedding and blocks) fixed, as the original cold start did."""
+    freeze_projector: bool = True
+    """Keep the vision-to-language projector (Qwen-VL's patch merger) fixed, as the original cold start did."""
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        require_choice(self.torch_dtype, ("fp32", "bf16"), f"{prefix}.torch_dtype")
+
+
+@dataclass
+class SFTOptimConfig(OptimConfig):
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    """constant, warmup (linear warm-up then constant) or cosine (after the warm-up)."""
+    lr_warmup_ratio: float = 0.1
+    """Fraction of training steps used for warm-up (ignored when `lr_warmup_steps` >= 0)."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm; a step with a non-finite norm is skipped."""
