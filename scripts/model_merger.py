@@ -2,11 +2,12 @@
 
 python scripts/model_merger.py --local_dir CKPT/global_step_N/actor [--target_dir DIR] [--max_shard_size 5GB]
 
-Reads either kind of save: one worker's (an HF folder plus training state) or several workers'
-(`sharded/`, torch.distributed.checkpoint, with the HF config beside it). Writes safetensors (split
-into shards above `--max_shard_size`), config, generation config, tokenizer and processor to
-`--target_dir` (default: `<local_dir>/huggingface`), then loads the result with transformers and
-compares every tensor with the checkpoint's.
+Reads a worker checkpoint (verl/workers/checkpoint.py: already a Hugging Face folder, with the
+optimizer state beside it) or one in the earlier multi-worker layout (`sharded/`,
+torch.distributed.checkpoint, with the HF config beside it). Writes safetensors (split into shards
+above `--max_shard_size`), config, generation config, tokenizer and processor to `--target_dir`
+(default: `<local_dir>/huggingface`) without the training state, then loads the result with
+transformers and compares every tensor with the checkpoint's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from verl.models.loading import load_tokenizer_and_processor
 
-SHARDED_DIR = "sharded"  # as written by verl.workers.fsdp_worker
+SHARDED_DIR = "sharded"  # the earlier multi-worker layout
 MODEL_PREFIX = "model."  # DCP keys of the weights: "model.<parameter name>" (optimizer states are "optimizer....")
 
 
@@ -54,7 +55,7 @@ def load_checkpoint_model(local_dir: str) -> tuple[torch.nn.Module, dict[str, to
     sharded_dir = os.path.join(local_dir, SHARDED_DIR)
     config = AutoConfig.from_pretrained(local_dir)
     if not os.path.isdir(sharded_dir):
-        # One worker saved a Hugging Face folder already; read it in the dtype it was saved in.
+        # A Hugging Face folder already; read it in the dtype it was saved in.
         model = model_class(config).from_pretrained(local_dir, dtype="auto")
         return model, model.state_dict()
     weights = read_sharded_weights(sharded_dir)

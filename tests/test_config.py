@@ -106,3 +106,89 @@ def test_reference_yaml_is_generated_from_the_code():
     assert printed.strip() == (ROOT / "examples" / "config.yaml").read_text().strip(), (
         "examples/config.yaml is stale: python scripts/print_reference_config.py > examples/config.yaml"
     )
+
+
+# Every enumerated key, with a bad value: the message names the key, the value and the registry's
+# choices (so the list in the message is the one the code dispatches on).
+@pytest.mark.parametrize(
+    "key, bad, choice",
+    [
+        ("algorithm.adv_estimator", "ppo_gae", "reinforce_plus_plus"),
+        ("worker.actor.policy_loss", "vanilla", "gspo"),
+        ("worker.actor.loss_agg_mode", "mean", "seq-mean-token-sum-norm"),
+        ("algorithm.kl_penalty", "kl2", "low_var_kl"),
+        ("algorithm.kl_type", "pid", "adaptive"),
+        ("algorithm.advantage_mode", "split", "decoupled"),
+        ("worker.rollout.name", "sglang", "vllm"),
+        ("trainer.logger", "[console,mlflow]", "tensorboard"),
+        ("worker.actor.optim.strategy", "sgd", "adamw_bf16"),
+        ("worker.actor.optim.lr_scheduler_type", "linear", "cosine"),
+        ("worker.actor.model.attn_implementation", "flash", "flash_attention_2"),
+        ("worker.actor.fsdp.torch_dtype", "fp8", "bf16"),
+        ("worker.ref.fsdp.mp_param_dtype", "fp8", "bf16"),
+        ("worker.reward.reward_type", "parallel", "sequential"),
+        ("self_reward.enable", "maybe", "auto"),
+        ("trainer.backend", "slurm", "ray"),
+        ("trainer.device", "tpu", "cuda"),
+    ],
+)
+def test_each_enumerated_key_is_checked_against_its_registry(key, bad, choice):
+    with pytest.raises(ConfigError) as raised:
+        load_config([f"{key}={bad}"], PPOConfig)
+    message = str(raised.value)
+    shown_bad = bad.strip("[]").split(",")[-1]
+    assert f"`{key}`" in message and shown_bad in message and choice in message, message
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["algorithm.kl_penalty=full", "algorithm.use_kl_loss=false"],
+            r"`algorithm\.kl_penalty`: full needs whole distributions.*use_kl_loss=true",
+        ),
+        (
+            ["algorithm.kl_type=adaptive", "algorithm.use_kl_loss=true"],
+            r"`algorithm\.kl_type`: adaptive .* would be ignored with algorithm\.use_kl_loss=true",
+        ),
+        (["algorithm.advantage_mode=decoupled"], r"`algorithm\.decoupled_weights`.*at least one"),
+    ],
+)
+def test_combinations_that_cannot_work_fail_at_load(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(args, PPOConfig)
+
+
+def test_registered_choices_are_reachable():
+    """`gspo` (registered in core_algos) is selected by `worker.actor.policy_loss`, and the actor
+    uses what the key names; `full` KL and adaptive KL load where they can work."""
+    from verl.algorithms import core_algos
+    from verl.workers.actor.dp_actor import DataParallelActor
+
+    config = load_config(["worker.actor.policy_loss=gspo"], PPOConfig)
+    actor = DataParallelActor(config.worker.actor, model=None)
+    assert actor.policy_loss is core_algos.compute_gspo_policy_loss
+    load_config(["algorithm.kl_penalty=full", "algorithm.use_kl_loss=true"], PPOConfig)
+    load_config(["algorithm.kl_type=adaptive", "algorithm.use_kl_loss=false"], PPOConfig)
+
+
+def test_reward_component_keys_are_checked_before_models_load(tiny_world, capsys):
+    """Decoupled weights and the dynamic-sampling filter name reward components: a name the reward
+    function does not return stops the CLI (exit 2) after a probe call, before any worker starts."""
+    from verl.trainer.main import main
+
+    data = tiny_world / "data" / "digit_sum"
+    base = [
+        f"worker.actor.model.model_path={tiny_world / 'models' / 'qwen2_5_vl'}",
+        f"data.train_files={data / 'train.parquet'}",
+        "data.val_files=null",
+        "trainer.logger=[console]",
+    ]
+    with pytest.raises(SystemExit) as raised:
+        main([*base, "algorithm.advantage_mode=decoupled", "algorithm.decoupled_weights={accuracy: 1.0, vision: 1.0}"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "`algorithm.decoupled_weights`" in err and "['vision']" in err and "accuracy" in err
+    with pytest.raises(SystemExit):
+        main([*base, "algorithm.online_filtering=true", "algorithm.filter_key=acc"])
+    assert "`algorithm.filter_key`" in capsys.readouterr().err

@@ -99,13 +99,12 @@ def two_worker_save(tiny_world, training_batch, tmp_path_factory):
     return out
 
 
-def test_two_worker_save_is_sharded_with_hf_files_beside_it(two_worker_save):
+def test_two_worker_save_is_an_hf_folder_with_the_optimizer_sharded_beside_it(two_worker_save):
     actor = two_worker_save / "actor"
-    assert (actor / "sharded" / ".metadata").is_file()
-    assert len(list((actor / "sharded").glob("*.distcp"))) == 2
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "training_state.pt"):
+    assert (actor / "optimizer" / ".metadata").is_file()
+    assert len(list((actor / "optimizer").glob("*.distcp"))) == 2, "each worker writes its own optimizer shards"
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "training_state.pt"):
         assert (actor / name).is_file(), name
-    assert not list(actor.glob("*.safetensors")), "a sharded save must not also write full weights"
 
 
 def test_merged_two_worker_save_gives_the_saving_actors_logits(

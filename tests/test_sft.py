@@ -19,6 +19,7 @@ from transformers import AutoModelForImageTextToText
 
 from verl.models.loading import load_tokenizer_and_processor
 from verl.models.positions import compute_position_ids
+from verl.trainer.sft import build_trainer
 from verl.trainer.sft_config import SFTConfig
 from verl.utils.config import ConfigError, load_config
 from verl.utils.grading import extract_boxed, grade_answer, see_think_format_ok
@@ -33,7 +34,7 @@ from verl.utils.sft_dataset import (
 )
 from verl.workers.config import ModelConfig, SFTModelConfig, SFTOptimConfig, WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
-from verl.workers.sft_worker import SFTWorker, build_trainer
+from verl.workers.sft_worker import SFTWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FACTORY_DIR = ROOT / "LLaMA-Factory-Cold-Start"
@@ -78,7 +79,9 @@ def _script_module(name: str):
 
 def _worker(model_dir: str, **model_overrides) -> SFTWorker:
     model_config = SFTModelConfig(model_path=model_dir, **model_overrides)
-    worker = SFTWorker(model_config, SFTOptimConfig(lr=1e-3, lr_scheduler_type="constant"), 100, 8, device="cpu")
+    worker = SFTWorker(
+        model_config, SFTOptimConfig(lr=1e-3, lr_scheduler_type="constant", training_steps=100), 8, device="cpu"
+    )
     worker.init_model()
     return worker
 
@@ -360,7 +363,7 @@ def test_reference_sft_yaml_is_generated_from_the_code():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.backend=torchrun", "must be auto, local or ray"),
+        ("trainer.backend=torchrun", "`trainer.backend`: .torchrun. is not one of: auto, local, ray"),
         (
             "trainer.backend=ray trainer.n_gpus_per_node=3",
             r"data.batch_size`: \(128\) must divide evenly over the 3 workers",

@@ -37,11 +37,10 @@ MICRO_BATCH = 2
 def worker_kwargs(tiny_world: Path) -> dict:
     # Tower and projector frozen (the defaults, as in the original recipe): FSDP must cope with
     # frozen and trainable parameters in one unit. A warm-up schedule makes a lost schedule visible.
-    optim = SFTOptimConfig(lr=1e-3, lr_scheduler_type="warmup", lr_warmup_steps=4)
+    optim = SFTOptimConfig(lr=1e-3, lr_scheduler_type="warmup", lr_warmup_steps=4, training_steps=10)
     return {
         "model_config": SFTModelConfig(model_path=str(tiny_world / "models" / "qwen2_5_vl")),
         "optim_config": optim,
-        "training_steps": 10,
         "micro_batch_size": MICRO_BATCH,
         "seed": 0,
     }
@@ -96,7 +95,7 @@ def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torc
 def scenario(tiny_world, tmp_path_factory):
     """One local worker and a group of two Ray workers take the same steps; each saves, and each
     resumes the other's save."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = SimpleNamespace(saves=tmp_path_factory.mktemp("sft_saves"))
     pool = ResourcePool(nnodes=1, workers_per_node=2, use_gpu=False, cpus_per_worker=1.0)
     kwargs = {**worker_kwargs(tiny_world), "device": "cpu"}
@@ -105,7 +104,7 @@ def scenario(tiny_world, tmp_path_factory):
         out.sizes_ray = group.init_model()
         local = LocalWorkerGroup(SFTWorker(device="cpu", **worker_kwargs(tiny_world)))
         out.sizes_local = local.init_model()
-        out.initial = {k: v.clone() for k, v in local.model.state_dict().items()}
+        out.initial = {k: v.clone() for k, v in local.worker.model.state_dict().items()}
         batch = mixed_batch(tiny_world, local.worker)
         out.batch = batch
 
@@ -117,14 +116,14 @@ def scenario(tiny_world, tmp_path_factory):
         out.generated_local, out.generated_ray = local.generate_sequences(check), group.generate_sequences(check)
         local.save_checkpoint(str(out.saves / "one_worker"))
         group.save_checkpoint(str(out.saves / "two_workers"))
-        out.after_step1_local = {k: v.clone() for k, v in local.model.state_dict().items()}
+        out.after_step1_local = {k: v.clone() for k, v in local.worker.model.state_dict().items()}
 
         # 2 -> 1: a fresh local worker resumes the two workers' save; both take step 2.
         resumed = local_worker(tiny_world)
         resumed.load_checkpoint(str(out.saves / "two_workers"))
         out.step2_resumed, out.step2_ray = metrics(resumed.train_step(batch)), metrics(group.train_step(batch))
         group.save_checkpoint(str(out.saves / "two_workers_step2"))
-        out.after_step2_resumed = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+        out.after_step2_resumed = {k: v.clone() for k, v in resumed.worker.model.state_dict().items()}
 
         # 1 -> 2: the group resumes the local worker's save; both take step 2.
         group.load_checkpoint(str(out.saves / "one_worker"))
@@ -163,7 +162,7 @@ def test_two_workers_evaluate_and_generate_as_one(scenario):
 
 def test_the_two_worker_checkpoint_is_a_model_folder_with_the_trained_weights(scenario):
     folder = scenario.saves / "two_workers"
-    assert (folder / "optimizer_sharded" / ".metadata").is_file()
+    assert (folder / "optimizer" / ".metadata").is_file()
     saved = load_model(str(folder), torch.float32, "sdpa").state_dict()
     assert_same_weights(saved, scenario.after_step1_local)
     visual = [name for name in saved if name.startswith("model.visual.")]
@@ -218,7 +217,7 @@ def test_the_cli_trains_on_two_ray_workers(tiny_world, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     step = out / "global_step_2"
-    assert (step / "trainer_state.json").is_file() and (step / "actor" / "optimizer_sharded").is_dir()
+    assert (step / "trainer_state.json").is_file() and (step / "actor" / "optimizer").is_dir()
     evaluation = json.loads((step / "eval_metrics.json").read_text())
     assert evaluation["val/loss"] > 0 and 0.0 <= evaluation["gen/format"] <= 1.0
     # The RL trainer's starting point: the actor folder loads as a plain model.

@@ -45,7 +45,8 @@ def init_ray(nnodes: int) -> None:
         # A multi-node cluster is started by hand: see docs/multi_node.md.
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        # "local": a new instance of our own, never a cluster someone else started on this machine.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
 
 
 # --- resources -----------------------------------------------------------------------------------

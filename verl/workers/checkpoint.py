@@ -65,14 +65,7 @@ def load_checkpoint(
     """Restore weights, optimizer, lr schedule and RNG from a `save_checkpoint` folder written by any
     number of workers; call on every rank. The RNG is restored last, so nothing loaded afterwards
     draws from it."""
-    if os.path.isdir(os.path.join(path, OLD_SHARDED_DIR)):
-        raise ValueError(
-            f"{path}: written in an earlier checkpoint layout (`{OLD_SHARDED_DIR}/`); this version cannot resume "
-            "from it. Merge its weights (scripts/model_merger.py) and start a new run from them."
-        )
-    for required in (TRAINING_STATE, OPTIMIZER_DIR, "config.json"):
-        if not os.path.exists(os.path.join(path, required)):
-            raise FileNotFoundError(f"checkpoint {path}: `{required}` is missing")
+    require_complete(path)
     # Tensors, numbers and plain containers only: nothing in a checkpoint folder may run code.
     state = torch.load(os.path.join(path, TRAINING_STATE), weights_only=True)
     weights = {}
@@ -84,3 +77,15 @@ def load_checkpoint(
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def require_complete(path: str) -> None:
+    """Raise, naming the folder and the missing part, unless `path` is a checkpoint in this layout."""
+    if os.path.isdir(os.path.join(path, OLD_SHARDED_DIR)):
+        raise ValueError(
+            f"{path}: written in an earlier checkpoint layout (`{OLD_SHARDED_DIR}/`); this version cannot resume "
+            "from it. Merge its weights (scripts/model_merger.py) and start a new run from them."
+        )
+    for required in (TRAINING_STATE, OPTIMIZER_DIR, "config.json"):
+        if not os.path.exists(os.path.join(path, required)):
+            raise FileNotFoundError(f"checkpoint {path}: `{required}` is missing")

@@ -199,5 +199,6 @@ class ActorRolloutRefWorker:
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:
         """Restore weights, optimizer, scheduler and RNG from a checkpoint written by any number of workers."""
+        checkpoint.require_complete(path)
         with self.actor_offload.loaded(with_optimizer=True):
             checkpoint.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
