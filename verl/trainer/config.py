@@ -311,6 +311,10 @@ class RunConfig:
     """backend=ray: the longest placing the workers, starting them and joining their process group may take."""
     worker_call_timeout_s: float = 3600.0
     """backend=ray: the longest one worker-group call (a whole generation, a whole update) may take; past it the run stops with an error naming the late workers."""
+    checkpoint_checksum: str = "sha256"
+    """What each checkpoint's manifest.json records of its files, verified on resume: sha256 (size and SHA-256; finds truncated, missing and corrupted files) or size (sizes only: no hashing, for very large models; finds truncated and missing files)."""
+    resume_on_damaged: str = "fallback"
+    """When the newest checkpoint fails verification on resume: fallback (warn naming the file and problem, resume from the newest intact checkpoint, or from scratch when there is none) or error (stop). A damaged load_checkpoint_path always stops the run."""
 
     def fill_derived(self) -> None:
         """Set save_checkpoint_path from the names when it was not given. Called from the whole
@@ -351,6 +355,10 @@ class RunConfig:
         require(self.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
         for name in self.logger:
             require(name in LOGGERS, "trainer.logger", f"unknown logger {name!r} ({', '.join(LOGGERS)})")
+        require(self.checkpoint_checksum in ("sha256", "size"), "trainer.checkpoint_checksum", "must be sha256 or size")
+        require(
+            self.resume_on_damaged in ("fallback", "error"), "trainer.resume_on_damaged", "must be fallback or error"
+        )
 
 
 @dataclass
