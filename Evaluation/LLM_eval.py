@@ -161,6 +161,7 @@ def build_judge(
     timeout_s: float,
     max_retries: int,
     retry_backoff_s: float,
+    allow_insecure_http: bool = False,
 ) -> Judge | None:
     """The judge a `--judge` value names: "openai", "python:file.py:function", or "none" (None)."""
     if spec == "none":
@@ -173,7 +174,7 @@ def build_judge(
                 "the openai judge needs a server and a model: pass --judge_base_url and --judge_model "
                 "(or set JUDGE_BASE_URL and JUDGE_MODEL); use --judge none to grade by rules only"
             )
-        client = OpenAICompatibleJudge(base_url, model, os.environ.get(API_KEY_ENV), timeout_s)
+        client = OpenAICompatibleJudge(base_url, model, os.environ.get(API_KEY_ENV), timeout_s, allow_insecure_http)
         return Judge(model, client.generate, max_retries, retry_backoff_s)
     raise ValueError(f"--judge must be openai, none or python:path/to/file.py:function_name, got {spec!r}")
 
@@ -198,6 +199,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="server URL up to /v1, e.g. http://localhost:8000/v1 (default: $JUDGE_BASE_URL)",
     )
     parser.add_argument("--judge_model", default=os.environ.get("JUDGE_MODEL"), help="default: $JUDGE_MODEL")
+    parser.add_argument(
+        "--allow_insecure_http",
+        action="store_true",
+        help=f"allow sending {API_KEY_ENV} over plain http to a host other than this machine (refused by "
+        "default: the key would cross the network unencrypted)",
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="judge requests in flight at once")
     parser.add_argument("--max_retries", type=int, default=3, help="retries of a failed judge request")
     parser.add_argument("--retry_backoff", type=float, default=1.0, help="seconds before the first retry; doubles")
@@ -212,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         judge = build_judge(
-            args.judge, args.judge_base_url, args.judge_model, args.timeout, args.max_retries, args.retry_backoff
+            args.judge,
+            args.judge_base_url,
+            args.judge_model,
+            args.timeout,
+            args.max_retries,
+            args.retry_backoff,
+            args.allow_insecure_http,
         )
         grade_dir(args.input_dir, args.output_dir, judge, args.concurrency)
     except (OSError, ValueError) as error:  # bad paths, rows, or judge configuration

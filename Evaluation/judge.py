@@ -3,7 +3,9 @@
 A judge is anything that turns a prompt into a reply (`Judge.generate`). Two kinds ship:
   - `OpenAICompatibleJudge`: POST {base_url}/chat/completions with the stdlib only; works with a
     local `vllm serve`, OpenAI, or Gemini's OpenAI-compatible endpoint. The API key comes only
-    from the environment variable JUDGE_API_KEY and is sent only in the Authorization header.
+    from the environment variable JUDGE_API_KEY and is sent only in the Authorization header,
+    never over plain http to a host other than this machine (unless explicitly allowed), and
+    never to the target of a redirect.
   - `load_python_judge("python:path/to/file.py:generate")`: a user function `generate(prompt) -> str`.
 
 Verdicts are parsed strictly: a reply counts as correct only if it is the word CORRECT (or ends
@@ -12,6 +14,7 @@ with the line "Verdict: CORRECT"). Anything else is "unparsed" and never counts 
 
 import hashlib
 import importlib.util
+import ipaddress
 import json
 import re
 import string
@@ -19,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,10 +127,73 @@ class Judge:
             attempt += 1
 
 
-class OpenAICompatibleJudge:
-    """One chat-completions request per call, stdlib only; raises JudgeRequestError on failure."""
+class InsecureJudgeURLError(ValueError):
+    """The judge URL would expose the API key (plain http to another machine) or is not http(s)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float):
+
+def is_local_host(host: str | None) -> bool:
+    """Whether `host` is this machine: localhost, 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z)."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])  # drop an IPv6 zone id
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def check_key_transport(base_url: str, api_key: str | None, allow_insecure_http: bool = False) -> None:
+    """Raise InsecureJudgeURLError unless `base_url` is http(s), and the key, if any, would travel
+    encrypted or stay on this machine. Checked before any request, so a refused key never leaves.
+
+    Plain http to another host sends the key in clear text to anyone on the network path;
+    `allow_insecure_http` is for a trusted network (e.g. a judge server inside a private cluster).
+    """
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InsecureJudgeURLError(
+            f"judge base URL {base_url!r} must start with http:// or https:// and name a host, "
+            "e.g. http://localhost:8000/v1"
+        )
+    if api_key and parts.scheme == "http" and not is_local_host(parts.hostname) and not allow_insecure_http:
+        raise InsecureJudgeURLError(
+            f"refusing to send the judge API key ({API_KEY_ENV}) over plain http to {parts.hostname}: anyone on "
+            "the network path could read it. Use an https:// URL, a server on this machine (localhost, "
+            "127.0.0.0/8, ::1), or pass --allow_insecure_http if the network is trusted."
+        )
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect with the same headers, the key included, to any host and
+    over plain http; a chat-completions POST never needs one, so none is followed."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        raise JudgeRequestError(
+            f"{req.full_url}: HTTP {code} redirect to {newurl} not followed (the request carries the API key); "
+            "set the judge base URL to the final address",
+            retryable=False,
+        )
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+class OpenAICompatibleJudge:
+    """One chat-completions request per call, stdlib only; raises JudgeRequestError on failure.
+
+    Raises InsecureJudgeURLError at construction for a URL the key must not be sent to
+    (see `check_key_transport`).
+    """
+
+    def __init__(
+        self, base_url: str, model: str, api_key: str | None, timeout_s: float, allow_insecure_http: bool = False
+    ):
+        check_key_transport(base_url, api_key, allow_insecure_http)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self._api_key = api_key
@@ -142,7 +209,7 @@ class OpenAICompatibleJudge:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             detail = error.read()[:200].decode(errors="replace")

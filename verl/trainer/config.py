@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from verl.algorithms.core_algos import ADV_ESTIMATORS, KL_CONTROLLERS, KL_MODES
+from verl.utils.checkpoint import CHECKSUMS, ON_DAMAGED
 from verl.utils.config import require, require_choice
 from verl.utils.device import DEVICES
 from verl.utils.tracking import LOGGERS
@@ -161,6 +162,10 @@ class RunConfig:
     """backend=ray: the longest placing the workers, starting them and joining their process group may take."""
     worker_call_timeout_s: float = 3600.0
     """backend=ray: the longest one worker-group call (a whole generation, a whole update) may take; past it the run stops with an error naming the late workers."""
+    checkpoint_checksum: str = "sha256"
+    """What each checkpoint's manifest.json records of its files, verified on resume: sha256 (size and SHA-256; finds truncated, missing and corrupted files) or size (sizes only: no hashing, for very large models; finds truncated and missing files)."""
+    resume_on_damaged: str = "fallback"
+    """When the newest checkpoint fails verification on resume: fallback (warn naming the file and problem, resume from the newest intact checkpoint, or from scratch when there is none) or error (stop). A damaged load_checkpoint_path always stops the run."""
 
     def fill_derived(self) -> None:
         """Set save_checkpoint_path from the names when it was not given. Called from the whole
@@ -202,6 +207,8 @@ class RunConfig:
         require(self.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
         for name in self.logger:
             require_choice(name, sorted(LOGGERS), "trainer.logger")
+        require_choice(self.checkpoint_checksum, CHECKSUMS, "trainer.checkpoint_checksum")
+        require_choice(self.resume_on_damaged, ON_DAMAGED, "trainer.resume_on_damaged")
 
 
 @dataclass

@@ -368,11 +368,14 @@ class PPOTrainer:
             }
             write_trainer_state(folder, state)
 
-        return save_and_prune(self.checkpoint_root, self.global_step, self.config.trainer.save_limit, write)
+        cfg = self.config.trainer
+        return save_and_prune(self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum)
 
     def _resume(self) -> None:
         cfg = self.config.trainer
-        found = find_resume_checkpoint(self.checkpoint_root, cfg.load_checkpoint_path, cfg.find_last_checkpoint)
+        found = find_resume_checkpoint(
+            self.checkpoint_root, cfg.load_checkpoint_path, cfg.find_last_checkpoint, cfg.resume_on_damaged
+        )
         if found is None:
             return
         path, state = found
