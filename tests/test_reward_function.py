@@ -349,13 +349,27 @@ def test_self_reward_visual_fraction_and_weights():
         ]
     )
     assert scores[0] == pytest.approx(
-        {"overall": 0.9 + 0.1 + 0.5, "accuracy": 1.0, "format": 1.0, "visual": 0.5, "description_accuracy": 0.5}
+        {
+            "overall": 0.9 + 0.1 + 0.5,
+            "accuracy": 1.0,
+            "format": 1.0,
+            "visual": 0.5,
+            "description_accuracy": 0.5,
+            "consistency": 1.0,  # reported, weight 0 by default
+        }
     )
     assert scores[1]["visual"] == 0.0 and scores[1]["overall"] == pytest.approx(1.0)
     assert scores[2]["visual"] == 0.0
     # no description block: format 0, but the answer and the text-only answer still count
     assert scores[3] == pytest.approx(
-        {"overall": 0.9 + 1.0, "accuracy": 1.0, "format": 0.0, "visual": 1.0, "description_accuracy": 1.0}
+        {
+            "overall": 0.9 + 1.0,
+            "accuracy": 1.0,
+            "format": 0.0,
+            "visual": 1.0,
+            "description_accuracy": 1.0,
+            "consistency": 1.0,
+        }
     )
     validation = example("see_think_self_reward.py", {"accuracy_weight": 1.0, "format_weight": 0.0})
     assert validation([sample(ground_truth="9")])[0]["overall"] == 0.0

@@ -114,6 +114,8 @@ def test_self_reward_stage_runs_only_when_the_reward_needs_it(tiny_world, tmp_pa
     on = read_metrics(tmp_path / "on")[1]
     assert "timing_s/self_reward" in on and "self_reward/description_rate" in on
     assert {"reward/accuracy", "reward/format", "reward/visual"} <= set(on)
+    # the question-alone baseline is off unless asked for
+    assert on["self_reward/prior_passes"] == 0 and "reward/prior_accuracy" not in on
     main(run_args(tiny_world, tmp_path / "off", "trainer.max_steps=1"))
     off = read_metrics(tmp_path / "off")[1]
     assert "timing_s/self_reward" not in off and not any(k.startswith("self_reward/") for k in off)

@@ -53,6 +53,10 @@ class RewardInput(TypedDict):
     description_answers: list[str] | None
     """Text-only answers of the self-reward stage for this response; None when the stage did not
     run or the response had no description."""
+    prior_answers: list[str] | None
+    """Answers of the same text-only pass with no description (the question alone), asked once per
+    prompt and the same for every response of that prompt; None unless
+    `self_reward.counterfactual_baseline` is on. Inputs built without this key mean None."""
     extra: dict[str, Any]
     """The sample's other data columns (e.g. `digits` in the digit-sum world)."""
 

@@ -119,6 +119,8 @@ class SelfRewardConfig:
     """Give no visual credit to a description that already states the ground-truth answer."""
     during_validation: bool = True
     """Also run on validation batches (measures perception accuracy on held-out data)."""
+    counterfactual_baseline: bool = False
+    """Also ask each prompt's question once with no description (`n` answers, same generate call) and give the reward function these `prior_answers`: the baseline of a visual reward that descriptions steering toward the answer prior cannot win (see_think_self_reward.py: visual_reward=gain)."""
 
 
 @dataclass

@@ -220,11 +220,12 @@ class PPOTrainer:
             ground_truths=list(batch.non_tensor_batch["ground_truth"]),
             generate=self.wg.generate_sequences,
             rollout_sampling=sampling,
+            uids=list(batch.non_tensor_batch["uid"]),
         )
         batch.non_tensor_batch["description"] = np.array(result.descriptions, dtype=object)
-        answers = np.empty(len(result.answers), dtype=object)
-        answers[:] = result.answers
-        batch.non_tensor_batch["description_answers"] = answers
+        batch.non_tensor_batch["description_answers"] = _object_column(result.answers)
+        if result.prior_answers is not None:
+            batch.non_tensor_batch["prior_answers"] = _object_column(result.prior_answers)
         return result.metrics
 
     def _greedy_baselines(self, prompts: DataProto, timings: dict[str, float]) -> torch.Tensor:
@@ -244,6 +245,7 @@ class PPOTrainer:
     def _score(self, batch: DataProto, reward_fn: RewardFunction) -> list[dict[str, float]]:
         nt = batch.non_tensor_batch
         answers = nt.get("description_answers")
+        prior = nt.get("prior_answers")
         lengths = batch.batch["response_mask"].sum(-1).tolist()
         samples = [
             {
@@ -252,6 +254,7 @@ class PPOTrainer:
                 "ground_truth": nt["ground_truth"][i],
                 "question": nt["question"][i],
                 "description_answers": answers[i] if answers is not None else None,
+                "prior_answers": prior[i] if prior is not None else None,
                 "extra": nt["extra"][i],
             }
             for i in range(len(batch))
@@ -318,6 +321,8 @@ class PPOTrainer:
         rows: list[dict[str, Any]] = []
         stage_metrics: dict[str, list[float]] = defaultdict(list)
         for prompts in self.val_loader.single_pass():
+            # The self-reward stage groups responses by prompt through uids, as in training.
+            prompts.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(prompts))], dtype=object)
             batch = self._generate(prompts, sampling)
             batch.non_tensor_batch["response_text"] = np.array(self._decode(batch), dtype=object)
             if self.self_reward.active and self.config.self_reward.during_validation:
@@ -333,6 +338,7 @@ class PPOTrainer:
                         "response": nt["response_text"][i],
                         "ground_truth": nt["ground_truth"][i],
                         "description_answers": nt["description_answers"][i] if "description_answers" in nt else None,
+                        "prior_answers": nt["prior_answers"][i] if "prior_answers" in nt else None,
                         "score": score,
                     }
                 )
@@ -384,6 +390,13 @@ class PPOTrainer:
         self.kl_ctrl.value = state["kl_coef"]
         self.global_step = state["global_step"]
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def _object_column(values: list[Any]) -> np.ndarray:
+    """A 1-D object array of `values` (np.array would make a 2-D array of equal-length lists)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 def _token_level(scores: list[dict[str, float]], response_mask: torch.Tensor) -> torch.Tensor:

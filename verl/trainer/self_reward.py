@@ -7,13 +7,19 @@ descriptions that carry enough visual information. No gradient flows through thi
 
 A response without a description gets no second pass and `description_answers=None`: passing the
 whole response instead would leak its final answer into the visual reward.
+
+With `counterfactual_baseline`, each prompt (the rows sharing a `uid`) is also asked once with no
+description at all, the question alone in the same template, `n` answers like a description's.
+Those `prior_answers` measure what the question's answer prior gives for free: a visual reward
+measured against them cannot be won by descriptions that merely steer toward the most likely
+answer. They go through the same generate call as the description prompts.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +57,9 @@ class SelfRewardResult:
     descriptions: list[str | None]
     answers: list[list[str] | None]
     metrics: dict[str, float]
+    prior_answers: list[list[str]] | None = None
+    """Per response, the question-alone answers of its prompt (equal lists within a group); None
+    when the counterfactual baseline is off."""
 
 
 class SelfRewardStage:
@@ -80,10 +89,14 @@ class SelfRewardStage:
         description = match.group(1).strip()
         return description or None
 
-    def build_prompt_ids(self, description: str, question: str) -> list[int]:
-        """Token ids of the chat-formatted text-only prompt (no image tokens)."""
+    def build_prompt_ids(self, description: str | None, question: str) -> list[int]:
+        """Token ids of the chat-formatted text-only prompt (no image tokens).
+
+        `description=None` asks the question alone (the counterfactual baseline): the template gets
+        an empty `description`, which it can test with `{% if description %}`.
+        """
         assert self.template is not None
-        user_text = self.template.render(description=description, question=question)
+        user_text = self.template.render(description=description or "", question=question)
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
         )
@@ -107,8 +120,13 @@ class SelfRewardStage:
         ground_truths: list[str],
         generate: Callable[[DataProto], DataProto],
         rollout_sampling: SamplingParams,
+        uids: Sequence[str] | None = None,
     ) -> SelfRewardResult:
-        """Second pass for every response that has a description; answers aligned with `responses`."""
+        """Second pass for every response that has a description; answers aligned with `responses`.
+
+        `uids` name each response's prompt; the counterfactual baseline needs them to ask each
+        prompt once, wherever its responses sit in the batch.
+        """
         descriptions = [self.extract_description(r) for r in responses]
         eligible = []
         denied = 0
@@ -119,10 +137,14 @@ class SelfRewardStage:
                 denied += 1
                 continue
             eligible.append(index)
+        # One row per prompt, the first of its responses, in order of first appearance.
+        prompt_rows = self.prompt_rows(uids, questions) if self.config.counterfactual_baseline else []
         answers: list[list[str] | None] = [None] * len(responses)
         sampling = self.sampling(rollout_sampling)
-        if eligible:
-            prompt_ids = [self.build_prompt_ids(descriptions[i], questions[i]) for i in eligible]
+        prompt_ids = [self.build_prompt_ids(descriptions[i], questions[i]) for i in eligible]
+        prompt_ids += [self.build_prompt_ids(None, questions[row]) for row in prompt_rows]
+        texts: list[str] = []
+        if prompt_ids:
             prompts = left_padded_prompts(prompt_ids, self.tokenizer.pad_token_id)
             prompts.meta_info["sampling"] = sampling
             output = generate(prompts)
@@ -130,14 +152,47 @@ class SelfRewardStage:
                 output.batch["responses"].masked_fill(output.batch["response_mask"] == 0, self.tokenizer.pad_token_id),
                 skip_special_tokens=True,
             )
-            for position, index in enumerate(eligible):
-                answers[index] = texts[position * sampling.n : (position + 1) * sampling.n]
+        n = sampling.n
+        for position, index in enumerate(eligible):
+            answers[index] = texts[position * n : (position + 1) * n]
+        prior_answers = None
+        if self.config.counterfactual_baseline:
+            assert uids is not None
+            offset = len(eligible) * n
+            by_uid = {
+                uids[row]: texts[offset + position * n : offset + (position + 1) * n]
+                for position, row in enumerate(prompt_rows)
+            }
+            prior_answers = [list(by_uid[uid]) for uid in uids]
         metrics = {
             "self_reward/description_rate": float(np.mean([d is not None for d in descriptions])) if responses else 0.0,
             "self_reward/second_pass_prompts": float(len(eligible)),
             "self_reward/leak_denied": float(denied),
+            "self_reward/prior_passes": float(len(prompt_rows)),
         }
-        return SelfRewardResult(descriptions=descriptions, answers=answers, metrics=metrics)
+        return SelfRewardResult(
+            descriptions=descriptions, answers=answers, metrics=metrics, prior_answers=prior_answers
+        )
+
+    @staticmethod
+    def prompt_rows(uids: Sequence[str] | None, questions: Sequence[str]) -> list[int]:
+        """The first row of each prompt (rows grouped by uid, not by position).
+
+        Responses of one prompt need not be adjacent (the batch may have been reordered), so rows
+        are grouped by uid; rows of one uid with different questions mean the uids are misaligned.
+        """
+        if uids is None or len(uids) != len(questions):
+            raise ValueError(
+                "self_reward.counterfactual_baseline needs one uid per response to group responses by prompt "
+                f"(got {'none' if uids is None else len(uids)} for {len(questions)} responses)"
+            )
+        first: dict[str, int] = {}
+        for row, uid in enumerate(uids):
+            if uid not in first:
+                first[uid] = row
+            elif questions[row] != questions[first[uid]]:
+                raise ValueError(f"responses of prompt uid {uid!r} have different questions; uids are misaligned")
+        return list(first.values())
 
 
 def left_padded_prompts(prompt_ids: list[list[int]], pad_token_id: int) -> DataProto:

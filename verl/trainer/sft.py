@@ -162,6 +162,7 @@ class SFTTrainer:
                     "ground_truth": nt["ground_truth"][i],
                     "question": nt["question"][i],
                     "description_answers": None,
+                    "prior_answers": None,
                     "extra": nt["extra"][i],
                 }
                 for i in range(len(batch))

@@ -7,6 +7,8 @@ nothing else from the framework.
 """
 
 import re
+from collections import Counter
+from collections.abc import Sequence
 
 from mathruler.grader import grade_answer as _mathruler_grade_answer
 
@@ -108,3 +110,25 @@ def extract_tag(text: str, tag: str) -> str | None:
         return None
     content = match.group(1).strip()
     return content or None
+
+
+def answers_accuracy(answers: Sequence[str], ground_truth: str) -> float:
+    """Fraction of `answers` (full generated texts) whose last `\\boxed{}` is right; 0.0 for none,
+    so a missing second pass earns no credit rather than an undefined one."""
+    if not answers:
+        return 0.0
+    return sum(grade_answer(extract_boxed(text), ground_truth) for text in answers) / len(answers)
+
+
+def leading_answer(answers: Sequence[str]) -> str | None:
+    """The boxed answer most of `answers` give, the earliest of those tied (the first when there is one).
+
+    It stands for "the answer a description leads to" when the text-only pass samples several.
+    None when no answer has a box.
+    """
+    boxed = [answer for answer in map(extract_boxed, answers) if answer is not None]
+    if not boxed:
+        return None
+    counts = Counter(boxed)
+    top = max(counts.values())
+    return next(answer for answer in boxed if counts[answer] == top)
