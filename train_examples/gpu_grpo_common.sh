@@ -34,15 +34,12 @@ case "$VARIANT" in
 esac
 MICRO_BATCH_EXPERIENCE=${MICRO_BATCH_EXPERIENCE:-$micro_experience}
 
-# Rollout engine settings. TENSOR_PARALLEL_SIZE: 1 instead of the original's 2; each worker runs its
-# own single-GPU vLLM engine, and TP>1 needs the tensor-parallel rollout, which the engine lacks yet.
-# MAX_MODEL_LEN: null (prompt + response = 14848) instead of the original's 8192, which made vLLM
-# refuse prompts of 8193..12800 tokens that the prompt-length filter keeps.
-# MAX_NUM_BATCHED_TOKENS: 15000 as the original: without chunked prefill vLLM needs it >= max_model_len.
-# worker.ref.offload.offload_params: the original's FSDP CPU offload of the reference model (its
-# parameters live on the CPU, not on the GPU, outside the stage that uses them).
-# LOGGERS: the original logged to the console only; file adds metrics.jsonl beside the checkpoints.
-# Add wandb with LOGGERS='[console,file,wandb]' (needs `wandb login` or WANDB_MODE=offline).
+# Where a value differs from the original, or needs a word, one line says why:
+# TENSOR_PARALLEL_SIZE 1, not the original's 2: TP>1 needs the tensor-parallel rollout (one 1-GPU engine per worker).
+# MAX_MODEL_LEN null (prompt + response = 14848), not the original's 8192: vLLM refuses 8192..12800-token prompts.
+# MAX_NUM_BATCHED_TOKENS 15000 as the original: without chunked prefill vLLM needs it >= max_model_len.
+# worker.ref.offload.offload_params: the original's FSDP CPU offload of the reference model.
+# LOGGERS [console,file], not the original's [console]: file keeps metrics.jsonl; add wandb after `wandb login`.
 "$PYTHON" -m verl.trainer.main config=examples/config.yaml \
   data.train_files="$TRAIN_FILES" \
   data.val_files="$VAL_FILES" \
