@@ -2,6 +2,10 @@
 
 Merges the config (defaults < YAML < command line), checks it, then builds data, reward function,
 workers and the trainer, and runs `fit()`.
+
+With `--check-config` it stops after the checks that need no model, data or devices (the config's
+keys and rules, the reward function, the rollout engine's name, the self-reward template) and prints
+the resolved config as JSON: a multi-hour GPU run can be checked in seconds on any machine.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from verl.trainer.config import PPOConfig, RunConfig, reward_keys_rule
 from verl.utils.config import ConfigError, load_config, to_dict
 
 logger = logging.getLogger("verl")
+
+CHECK_CONFIG_FLAG = "--check-config"
 
 
 def configure_threads(torch_threads: int | None) -> None:
@@ -94,6 +100,43 @@ def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, An
     reward_keys_rule(config, set(score))
 
 
+def check_ppo_config(config: PPOConfig) -> str:
+    """What a GRPO run would find wrong before its first step, found without loading a model, data or
+    devices: the reward function loads and fits its arguments, the rollout engine exists, the
+    self-reward stage has its template. Same constructors as `build_trainer`, so the checks cannot
+    drift from the run. Returns a one-line summary; raises ConfigError naming the key."""
+    import re
+
+    from jinja2 import TemplateError
+
+    from verl.reward import RewardFunction, RewardFunctionError
+    from verl.trainer.self_reward import SelfRewardStage
+    from verl.workers.rollout import get_rollout_engine
+
+    reward_cfg = config.worker.reward
+    try:
+        reward_fn = RewardFunction(
+            reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type
+        )
+    except RewardFunctionError as exc:
+        raise ConfigError(f"config key `worker.reward.reward_function`: {exc}") from None
+    try:
+        get_rollout_engine(config.worker.rollout.name)
+    except ValueError as exc:
+        raise ConfigError(f"config key `worker.rollout.name`: {exc}") from None
+    try:
+        # The stage keeps the tokenizer only for later prompts; its checks need none.
+        stage = SelfRewardStage(config.self_reward, None, reward_fn.needs_description_answers)
+    except (OSError, ValueError, re.error, TemplateError) as exc:
+        raise ConfigError(f"config key `self_reward`: {exc}") from None
+    run = config.trainer
+    return (
+        f"{run.worker_backend} backend, {run.nnodes} node(s) x {run.n_gpus_per_node} worker(s), "
+        f"rollout {config.worker.rollout.name}, reward {reward_cfg.reward_function}, "
+        f"self-reward stage {'on' if stage.active else 'off'}"
+    )
+
+
 def build_worker_group(worker_cls: type, worker_kwargs: dict[str, Any], run: RunConfig) -> Any:
     """One `worker_cls` in this process (backend local), or one Ray actor per device on every node
     (ray); `worker_kwargs` plus the device build each."""
@@ -133,16 +176,32 @@ def stop_ray_started_here() -> Iterator[None]:
             sys.modules["ray"].shutdown()
 
 
-def run_cli(argv: list[str] | None, schema_cls: type, build: Callable[[Any], Any]) -> dict[str, float]:
+def run_cli(
+    argv: list[str] | None,
+    schema_cls: type,
+    build: Callable[[Any], Any],
+    check: Callable[[Any], str] | None = None,
+) -> dict[str, float]:
     """The command line of a trainer: config from `argv` (exit 2 naming the bad key), threads,
-    `build(config).fit()`, and Ray shut down afterwards if this run started it."""
+    `build(config).fit()`, and Ray shut down afterwards if this run started it.
+
+    With `--check-config` among the arguments: the config is loaded and validated, `check(config)`
+    runs the trainer's other model-free checks, the resolved config is printed as JSON on stdout
+    and the summary `check` returns is logged; nothing is trained and nothing is written."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    check_only = CHECK_CONFIG_FLAG in argv
+    argv = [arg for arg in argv if arg != CHECK_CONFIG_FLAG]
     try:
         config = load_config(argv, schema_cls)
+        summary = check(config) if check_only and check is not None else ""
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if check_only:
+        print(json.dumps(to_dict(config), indent=2))
+        logger.info("config OK%s", f": {summary}" if summary else "")
+        return {}
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
     with stop_ray_started_here():
@@ -155,7 +214,7 @@ def run_cli(argv: list[str] | None, schema_cls: type, build: Callable[[Any], Any
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_cli(argv, PPOConfig, build_trainer)
+    return run_cli(argv, PPOConfig, build_trainer, check_ppo_config)
 
 
 if __name__ == "__main__":
