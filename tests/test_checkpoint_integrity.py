@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_trainer import ROOT, read_metrics, run_args
 
-from verl.trainer.config import ConfigError, load_config
+from verl.trainer.config import PPOConfig
 from verl.utils.checkpoint import (
     MANIFEST_FILE,
     CheckpointDamagedError,
@@ -25,6 +25,7 @@ from verl.utils.checkpoint import (
     verify_checkpoint,
     write_trainer_state,
 )
+from verl.utils.config import ConfigError, load_config
 
 WEIGHTS = "actor/model.safetensors"
 LOGGER = "verl.utils.checkpoint"
@@ -214,7 +215,7 @@ def test_a_damaged_explicit_checkpoint_is_always_an_error(tmp_path):
 )
 def test_bad_integrity_keys_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config([override])
+        load_config([override], PPOConfig)
 
 
 # ---------------------------------------------------------------- pruning
