@@ -209,8 +209,8 @@ def test_a_damaged_explicit_checkpoint_is_always_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.resume_on_damaged=ignore", "must be fallback or error"),
-        ("trainer.checkpoint_checksum=md5", "must be sha256 or size"),
+        ("trainer.resume_on_damaged=ignore", "`trainer.resume_on_damaged`: .ignore. is not one of: fallback, error"),
+        ("trainer.checkpoint_checksum=md5", "`trainer.checkpoint_checksum`: .md5. is not one of: sha256, size"),
     ],
 )
 def test_bad_integrity_keys_are_named(override, message):
