@@ -73,6 +73,17 @@ def batch(tiny_world) -> DataProto:
     prompts = collate_prompts(rows, worker.tokenizer.pad_token_id)
     prompts.meta_info["sampling"] = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=3)
     data = worker.generate_sequences(prompts)
+    # The random model rarely samples EOS: end the responses at unequal lengths, padded as the
+    # sampler pads after EOS.
+    lengths = torch.tensor([16, 3, 9, 12, 5, 16, 1, 7, 14, 10, 2, 11])
+    ended = torch.arange(16)[None, :] >= lengths[:, None]
+    pad = worker.tokenizer.pad_token_id
+    data.batch["response_mask"] = (~ended).long()
+    data.batch["responses"] = data.batch["responses"].masked_fill(ended, pad)
+    data.batch["input_ids"] = data.batch["input_ids"].clone()
+    data.batch["input_ids"][:, -16:] = data.batch["responses"]
+    data.batch["attention_mask"] = data.batch["attention_mask"].clone()
+    data.batch["attention_mask"][:, -16:] = data.batch["response_mask"]
     data.meta_info = {"temperature": 1.0, "mini_batch_size": len(data)}
     data = data.union(worker.compute_ref_log_probs(data))
     rewards = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25, -0.25, 1.0, 0.0, -1.0, 0.75, 0.3, -0.3])
@@ -118,7 +129,12 @@ def test_chunked_log_probs_match_the_full_logits_path(tiny_world, batch, plain):
 
 def test_token_budget_micro_batches_match_fixed_size_ones(tiny_world, batch, plain):
     counts = batch.batch["attention_mask"].sum(-1)
-    budget = int(counts.max()) * 2 + 1
+
+    def sizes_for(budget: int) -> list[int]:
+        return [len(g) for g in micro_batches(batch, 4, dynamic=True, max_tokens=budget)]
+
+    # The smallest budget above two rows' worth that gives micro-batches of unequal sizes.
+    budget = next(b for b in range(int(counts.max()) * 2, int(counts.sum())) if len(set(sizes_for(b))) > 1)
     groups = micro_batches(batch, 4, dynamic=True, max_tokens=budget)
     sizes = [len(g) for g in groups]
     # The budget really changes the grouping: unequal micro-batches, none over budget unless alone.
@@ -166,3 +182,36 @@ def test_the_trainer_skips_the_old_pass_only_when_nothing_needs_it():
     # The KL penalty in the reward reads old log-probs before the update.
     assert not old_log_prob_pass_skippable(config(algorithm__use_kl_loss=False))
     assert old_log_prob_pass_skippable(config(algorithm__use_kl_loss=False, algorithm__disable_kl=True))
+
+
+# --- two gloo ranks: the same number of micro-batches ---------------------------------------------
+def _count_micro_batches(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # Rank 0's short rows fit in one micro-batch, rank 1's long rows need four.
+        lengths = [2, 2, 2, 2] if rank == 0 else [8, 8, 8, 8]
+        mask = torch.zeros(4, 8, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = 1
+        data = DataProto.from_dict({"attention_mask": mask, "row": torch.arange(4)})
+        pieces = micro_batches(data, 4, dynamic=True, max_tokens=8)
+        results[rank] = [piece.batch["row"].tolist() for piece in pieces]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing the stack: minutes on a loaded 2-core machine
+def test_ranks_agree_on_the_number_of_token_budget_micro_batches():
+    import torch.multiprocessing as mp
+
+    from verl.utils.network import free_port
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_count_micro_batches, args=(free_port(), results), nprocs=2, join=True)
+        short, long = results[0], results[1]
+    assert long == [[0], [1], [2], [3]]
+    # Rank 0 splits its single group to match, keeping row order.
+    assert len(short) == 4 and sum(short, []) == [0, 1, 2, 3]
