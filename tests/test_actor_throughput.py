@@ -127,6 +127,15 @@ def test_chunked_log_probs_match_the_full_logits_path(tiny_world, batch, plain):
     assert_same_step(chunked, plain)
 
 
+def test_full_kl_keeps_the_full_logits_in_the_update_and_matches(tiny_world, batch):
+    # kl_penalty=full needs whole distributions: the update takes the full-logits path for it
+    # while old/ref log-probs stay chunked; the step equals the all-full-logits one.
+    full = run_step(tiny_world, batch, logprob_chunk_size=0, kl_penalty="full")
+    chunked = run_step(tiny_world, batch, logprob_chunk_size=7, kl_penalty="full")
+    assert chunked["metrics"]["actor/kl_loss"] == pytest.approx(0.0, abs=1e-7)  # ref == actor at the start
+    assert_same_step(chunked, full)
+
+
 def test_token_budget_micro_batches_match_fixed_size_ones(tiny_world, batch, plain):
     counts = batch.batch["attention_mask"].sum(-1)
 
