@@ -224,3 +224,33 @@ def test_ranks_agree_on_the_number_of_token_budget_micro_batches():
     assert long == [[0], [1], [2], [3]]
     # Rank 0 splits its single group to match, keeping row order.
     assert len(short) == 4 and sum(short, []) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("model", ["qwen2_vl", "qwen2_text"])
+def test_chunked_log_probs_match_on_the_other_model_families(tiny_world, model):
+    config = WorkerConfig()
+    config.actor.model.model_path = str(tiny_world / "models" / model)
+    config.actor.micro_batch_size_per_device_for_experience = 3
+    worker = ActorRolloutRefWorker(config, device="cpu", need_ref=False, seed=0)
+    worker.init_model()
+    name, prompt = (
+        ("digit_sum", "examples/format_prompt/see_think.jinja") if model != "qwen2_text" else ("text_sum", None)
+    )
+    ds = PromptDataset(
+        str(tiny_world / "data" / name / "val.parquet"),
+        worker.tokenizer,
+        worker.processor,
+        PromptDatasetConfig(format_prompt=str(ROOT / prompt) if prompt else None),
+    )
+    prompts = collate_prompts([ds[i] for i in range(4)], worker.tokenizer.pad_token_id)
+    prompts.meta_info["sampling"] = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
+    data = worker.generate_sequences(prompts)
+    data.meta_info = {"temperature": 0.7}
+    results = {}
+    for chunk in (0, 5):
+        worker.config.actor.logprob_chunk_size = chunk
+        out = worker.compute_log_probs(data)
+        results[chunk] = (out.batch["old_log_probs"], out.batch["entropy"])
+    mask = data.batch["response_mask"].bool()
+    for plain, chunked in zip(results[0], results[5]):
+        torch.testing.assert_close(chunked[mask], plain[mask], rtol=RTOL, atol=1e-6)
