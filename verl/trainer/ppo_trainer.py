@@ -55,6 +55,7 @@ class PPOTrainer:
         self.self_reward = SelfRewardStage(config.self_reward, tokenizer, reward_fn.needs_description_answers)
         algo = config.algorithm
         self.use_reference = not algo.disable_kl
+        self.skip_old_log_prob = old_log_prob_pass_skippable(config)
         self.kl_ctrl = core_algos.get_kl_controller(algo.kl_type, algo.kl_coef, algo.kl_target, algo.kl_horizon)
         self.checkpoint_root = config.trainer.save_checkpoint_path
         self.global_step = 0
@@ -93,8 +94,9 @@ class PPOTrainer:
                 batch, rollout_metrics = self._rollout_and_score(prompts, timings)
                 metrics.update(rollout_metrics)
 
-                with timer("old_log_prob", timings):
-                    batch = batch.union(self.wg.compute_log_probs(batch))
+                if not self.skip_old_log_prob:
+                    with timer("old_log_prob", timings):
+                        batch = batch.union(self.wg.compute_log_probs(batch))
 
                 if self.use_reference:
                     with timer("ref", timings):
@@ -390,6 +392,24 @@ class PPOTrainer:
         self.kl_ctrl.value = state["kl_coef"]
         self.global_step = state["global_step"]
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+
+def old_log_prob_pass_skippable(config: PPOConfig) -> bool:
+    """Whether the update may take its own detached log-probs as the old ones (on-policy shortcut).
+
+    True when `worker.actor.skip_old_log_prob_when_on_policy` is on, the batch is used once
+    (ppo_epochs=1) in one optimizer step (global_batch_size == rollout_batch_size), and nothing
+    before the update needs old log-probs: the KL penalty in the reward (KL on, use_kl_loss=false)
+    does, so it keeps the separate pass. The rollout entropy metric then comes from the update.
+    """
+    actor, algo = config.worker.actor, config.algorithm
+    kl_in_reward = not algo.disable_kl and not algo.use_kl_loss
+    return (
+        actor.skip_old_log_prob_when_on_policy
+        and actor.ppo_epochs == 1
+        and actor.global_batch_size == config.data.rollout_batch_size
+        and not kl_in_reward
+    )
 
 
 def _object_column(values: list[Any]) -> np.ndarray:

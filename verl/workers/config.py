@@ -110,6 +110,24 @@ class ActorConfig:
     entropy_coeff: float = 0.0
     """Entropy bonus weight (entropy is always reported)."""
     use_torch_compile: bool = False
+    logprob_chunk_size: int = 256
+    """Response tokens per chunk of the LM head when computing log-probs and entropy (old, ref and
+    update): the full-vocabulary fp32 logits of a micro-batch are never built, so memory stays flat
+    in the response length. 0: the plain full-logits path. algorithm.kl_penalty=full always takes
+    the full-logits path in the update (its KL needs whole distributions)."""
+    skip_old_log_prob_when_on_policy: bool = True
+    """When the old policy is the current one (ppo_epochs=1 and global_batch_size equal to
+    data.rollout_batch_size: one optimizer step per rollout batch), skip the separate old-log-prob
+    pass and use the detached log-probs of the update's own forward (ratio exactly 1). Falls back to
+    the separate pass when something before the update needs old log-probs (the KL penalty in the
+    reward: algorithm.use_kl_loss=false with KL on)."""
+    dynamic_batching: bool = False
+    """Form micro-batches (old/ref log-probs and update) by a token budget per device,
+    `max_token_len_per_gpu`, instead of a fixed row count; consecutive rows, so the results and the
+    gradient are those of the fixed-size path."""
+    max_token_len_per_gpu: int = 16384
+    """dynamic_batching: the most real (unpadded) prompt + response tokens per micro-batch per device;
+    a longer row runs alone."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -132,6 +150,8 @@ class ActorConfig:
             f"{prefix}.micro_batch_size_per_device_for_experience",
             "must be positive",
         )
+        require(self.logprob_chunk_size >= 0, f"{prefix}.logprob_chunk_size", "must be >= 0 (0: full logits)")
+        require(self.max_token_len_per_gpu > 0, f"{prefix}.max_token_len_per_gpu", "must be positive")
         require(0 <= self.clip_ratio_low < 1, f"{prefix}.clip_ratio_low", "must be in [0, 1)")
         require(self.clip_ratio_high >= 0, f"{prefix}.clip_ratio_high", "must be >= 0")
         require_choice(self.policy_loss, POLICY_LOSSES, f"{prefix}.policy_loss")

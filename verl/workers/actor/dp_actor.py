@@ -12,11 +12,31 @@ import torch
 import torch.distributed as dist
 
 from verl.algorithms import core_algos
+from verl.models.logprobs import response_log_probs
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.protocol import DataProto
 from verl.workers import fsdp_utils
+from verl.workers.actor.micro_batches import micro_batches
 from verl.workers.config import ActorConfig
 from verl.workers.optimizer import clip_and_step
+
+
+def _forward_inputs(model: torch.nn.Module, micro: DataProto) -> dict[str, Any]:
+    """The model's keyword inputs for a micro-batch, on the model's device."""
+    position_ids = micro.batch["position_ids"]
+    if position_ids.dim() == 3:  # stored (b, 3, L); Qwen-VL expects (3, b, L)
+        position_ids = position_ids.transpose(0, 1)
+    device = next(model.parameters()).device
+    multimodal = {
+        k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()
+    }
+    return {
+        "input_ids": micro.batch["input_ids"].to(device),
+        "attention_mask": micro.batch["attention_mask"].to(device),
+        "position_ids": position_ids.to(device),
+        "use_cache": False,
+        **multimodal,
+    }
 
 
 def forward_response_logits(
@@ -25,33 +45,46 @@ def forward_response_logits(
     """Logits (b, T, V) predicting each response token, scaled by the sampling temperature, and the tokens."""
     responses = micro.batch["responses"]
     response_length = responses.shape[1]
-    position_ids = micro.batch["position_ids"]
-    if position_ids.dim() == 3:  # stored (b, 3, L); Qwen-VL expects (3, b, L)
-        position_ids = position_ids.transpose(0, 1)
-    device = next(model.parameters()).device
-    multimodal = {
-        k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()
-    }
+    inputs = _forward_inputs(model, micro)
     reset_rope_cache(model)
-    output = model(
-        input_ids=micro.batch["input_ids"].to(device),
-        attention_mask=micro.batch["attention_mask"].to(device),
-        position_ids=position_ids.to(device),
-        use_cache=False,
-        logits_to_keep=response_length + 1,
-        **multimodal,
-    )
+    output = model(**inputs, logits_to_keep=response_length + 1)
     logits = output.logits[:, :-1, :].float()
     if temperature > 0:
         logits = logits / temperature
-    return logits, responses.to(device)
+    return logits, responses.to(logits.device)
 
 
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss")
+def forward_response_log_probs(
+    model: torch.nn.Module,
+    micro: DataProto,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool,
+    keep_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs (b, T) of the response tokens, their entropy (b, T) when asked, and the logits when kept.
+
+    `chunk_size` > 0 applies the LM head in token chunks (verl.models.logprobs): the (b, T, V) fp32
+    logits are never built and the memory stays flat in the response length. `chunk_size` == 0 or
+    `keep_logits` (the full-distribution KL needs them) takes the plain full-logits path.
+    """
+    if chunk_size > 0 and not keep_logits:
+        inputs = _forward_inputs(model, micro)
+        reset_rope_cache(model)
+        log_probs, entropy = response_log_probs(
+            model, inputs, micro.batch["responses"], temperature, chunk_size, with_entropy
+        )
+        return log_probs, entropy, None
+    logits, tokens = forward_response_logits(model, micro, temperature)
+    entropy = core_algos.entropy_from_logits(logits) if with_entropy else None
+    return token_log_probs(logits, tokens), entropy, (logits if keep_logits else None)
+
+
+ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy_rollout")
 
 
 def _data_parallel_size() -> int:
@@ -75,6 +108,10 @@ class DataParallelActor:
         self.ref_model = ref_model
         self.policy_loss = core_algos.get_policy_loss(config.policy_loss)
 
+    def _micro_batches(self, data: DataProto, micro_batch_size: int) -> list[DataProto]:
+        cfg = self.config
+        return micro_batches(data, micro_batch_size, cfg.dynamic_batching, cfg.max_token_len_per_gpu)
+
     @torch.no_grad()
     def compute_log_probs(
         self, data: DataProto, temperature: float, micro_batch_size: int, with_entropy: bool = False
@@ -83,20 +120,34 @@ class DataParallelActor:
         self.model.eval()
         log_probs, entropies = [], []
         try:
-            for micro in data.split(micro_batch_size):
-                logits, tokens = forward_response_logits(self.model, micro, temperature)
-                log_probs.append(token_log_probs(logits, tokens).cpu())
+            for micro in self._micro_batches(data, micro_batch_size):
+                micro_log_probs, entropy, _ = forward_response_log_probs(
+                    self.model, micro, temperature, self.config.logprob_chunk_size, with_entropy
+                )
+                log_probs.append(micro_log_probs.cpu())
                 if with_entropy:
-                    entropies.append(core_algos.entropy_from_logits(logits).cpu())
+                    entropies.append(entropy.cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(log_probs), (torch.cat(entropies) if with_entropy else None)
 
     def update_policy(self, data: DataProto, temperature: float, mini_batch_size: int) -> dict[str, Any]:
-        """PPO epochs over mini-batches of `mini_batch_size` responses; one optimizer step per mini-batch."""
+        """PPO epochs over mini-batches of `mini_batch_size` responses; one optimizer step per mini-batch.
+
+        Without an `old_log_probs` column the batch is taken as on-policy: the old policy is the
+        current one, so the detached log-probs of the update's own forward serve as the old ones
+        (ratio exactly 1). That holds only for one epoch over one mini-batch, which is checked.
+        """
         if self.optimizer is None:
             raise RuntimeError("update_policy needs an optimizer (this worker has no actor role)")
         cfg = self.config
+        on_policy = "old_log_probs" not in data.batch
+        if on_policy and (cfg.ppo_epochs != 1 or len(data) > mini_batch_size):
+            raise ValueError(
+                "update_policy: the batch has no old_log_probs, which is valid only on-policy (one PPO epoch and "
+                f"one mini-batch per rollout batch); got ppo_epochs={cfg.ppo_epochs}, {len(data)} rows for "
+                f"mini-batches of {mini_batch_size}: compute old_log_probs first"
+            )
         self.model.train()
         metrics: dict[str, list[float]] = defaultdict(list)
         response_length = data.batch["responses"].shape[1]
@@ -109,7 +160,7 @@ class DataParallelActor:
                 agg = {"global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": response_length}
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_metrics: dict[str, list[float]] = defaultdict(list)
-                for micro in mini.split(cfg.micro_batch_size_per_device_for_update):
+                for micro in self._micro_batches(mini, cfg.micro_batch_size_per_device_for_update):
                     for key, value in self._accumulate_micro_batch(micro, temperature, agg).items():
                         mini_metrics[key].append(value)
                 for key, values in mini_metrics.items():
@@ -128,12 +179,17 @@ class DataParallelActor:
     def _accumulate_micro_batch(self, micro: DataProto, temperature: float, agg: dict[str, float]) -> dict[str, float]:
         cfg = self.config
         mask = micro.batch["response_mask"].float()
-        logits, tokens = forward_response_logits(self.model, micro, temperature)
-        device = logits.device
+        full_kl = cfg.use_kl_loss and cfg.kl_penalty == "full"
+        log_probs, entropy, logits = forward_response_log_probs(
+            self.model, micro, temperature, cfg.logprob_chunk_size, with_entropy=True, keep_logits=full_kl
+        )
+        device = log_probs.device
         mask = mask.to(device)
-        log_probs = token_log_probs(logits, tokens)
+        on_policy = "old_log_probs" not in micro.batch
+        # On-policy: the old policy is this very forward's (ratio exactly 1, gradient of the log-prob).
+        old_log_probs = log_probs.detach() if on_policy else micro.batch["old_log_probs"].to(device)
         pg_loss, pg_metrics = self.policy_loss(
-            old_log_probs=micro.batch["old_log_probs"].to(device),
+            old_log_probs=old_log_probs,
             log_probs=log_probs,
             advantages=micro.batch["advantages"].to(device),
             response_mask=mask,
@@ -143,12 +199,17 @@ class DataParallelActor:
             loss_agg_mode=cfg.loss_agg_mode,
             **agg,
         )
-        entropy = core_algos.entropy_from_logits(logits)
-        entropy_loss = core_algos.agg_loss(entropy, mask, cfg.loss_agg_mode, **agg)
-        loss = pg_loss - cfg.entropy_coeff * entropy_loss
+        loss = pg_loss
+        if cfg.entropy_coeff != 0:
+            # Left out of the graph otherwise, so the backward skips the entropy's gradient.
+            loss = loss - cfg.entropy_coeff * core_algos.agg_loss(entropy, mask, cfg.loss_agg_mode, **agg)
         out = {f"actor/{k}": float(v) for k, v in pg_metrics.items()}
         out["actor/pg_loss"] = float(pg_loss.detach())
         out["actor/entropy"] = float(core_algos.masked_mean(entropy.detach(), mask))
+        if on_policy:
+            # What the trainer reports as actor/entropy_rollout from the skipped old-log-prob pass:
+            # the same policy, so the same value; a share of the global token mean, summed over parts.
+            out["actor/entropy_rollout"] = float((entropy.detach() * mask).sum()) / agg["global_tokens"]
         if cfg.use_kl_loss:
             kl = self._kl_to_reference(micro, log_probs, logits, temperature)
             kl_loss = core_algos.agg_loss(kl, mask, cfg.loss_agg_mode, **agg)
@@ -162,7 +223,7 @@ class DataParallelActor:
         return out
 
     def _kl_to_reference(
-        self, micro: DataProto, log_probs: torch.Tensor, logits: torch.Tensor, temperature: float
+        self, micro: DataProto, log_probs: torch.Tensor, logits: torch.Tensor | None, temperature: float
     ) -> torch.Tensor:
         if self.config.kl_penalty == "full":
             if self.ref_model is None:

@@ -1,0 +1,174 @@
+"""Per-stage time of a tiny-world GRPO step with each actor feature on and off, as the response
+length and the group size n grow. Prints a table; not a test.
+
+Stages timed on the real tiny Qwen2.5-VL worker (real tokenizer and 151,657-token vocabulary),
+called directly as the trainer's worker group would: old log-probs, reference log-probs and the
+update (generation does not depend on these features and is left out). Responses are sampled once
+at the largest length and n, and smaller settings take the first columns / samples, so every
+variant scores exactly the same tokens.
+
+Variants: plain (full logits, fixed micro-batches, separate old-log-prob pass); each feature alone
+(chunked log-probs, on-policy shortcut, token-budget micro-batches); all on (the defaults plus
+dynamic batching).
+
+Usage: OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/benchmark_scaling.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from verl.protocol import DataProto, SamplingParams  # noqa: E402
+from verl.tiny_world import build_tiny_world  # noqa: E402
+from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts  # noqa: E402
+from verl.workers.config import WorkerConfig  # noqa: E402
+from verl.workers.fsdp_worker import ActorRolloutRefWorker  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "plain": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": False},
+    "chunked": {"logprob_chunk_size": 256, "on_policy": False, "dynamic_batching": False},
+    "on_policy": {"logprob_chunk_size": 0, "on_policy": True, "dynamic_batching": False},
+    "dynamic": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True},
+    "all_on": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": True},
+}
+
+
+def tiny_world_path() -> str:
+    """VISION_SR1_TINY_WORLD when set (built there if empty), else a fresh build in a temporary folder."""
+    world = os.environ.get("VISION_SR1_TINY_WORLD") or tempfile.mkdtemp(prefix="tiny_world_bench_")
+    if not os.path.isfile(os.path.join(world, "manifest.json")):
+        build_tiny_world(world)
+    return world
+
+
+def make_worker(world: str, micro_update: int, micro_exp: int, max_tokens: int) -> ActorRolloutRefWorker:
+    config = WorkerConfig()
+    config.actor.model.model_path = os.path.join(world, "models", "qwen2_5_vl")
+    config.actor.optim.lr = 1e-6
+    config.actor.micro_batch_size_per_device_for_update = micro_update
+    config.actor.micro_batch_size_per_device_for_experience = micro_exp
+    config.ref.micro_batch_size_per_device_for_experience = micro_exp
+    config.actor.max_token_len_per_gpu = max_tokens
+    worker = ActorRolloutRefWorker(config, device="cpu", need_ref=True, seed=0)
+    worker.init_model()
+    return worker
+
+
+def sample_batch(worker: ActorRolloutRefWorker, world: str, prompts: int, n: int, length: int) -> DataProto:
+    ds = PromptDataset(
+        os.path.join(world, "data", "digit_sum", "val.parquet"),
+        worker.tokenizer,
+        worker.processor,
+        PromptDatasetConfig(format_prompt=os.path.join(ROOT, "examples/format_prompt/see_think.jinja")),
+    )
+    batch = collate_prompts([ds[i] for i in range(prompts)], worker.tokenizer.pad_token_id)
+    batch.meta_info["sampling"] = SamplingParams(n=n, temperature=1.0, max_new_tokens=length, seed=7)
+    return worker.generate_sequences(batch)
+
+
+def shrink(full: DataProto, n_full: int, n: int, length: int) -> DataProto:
+    """The first `n` samples of each group and the first `length` response tokens (prompt columns kept)."""
+    rows = [g * n_full + j for g in range(len(full) // n_full) for j in range(n)]
+    data = full[rows]
+    prompt_len = data.batch["prompts"].shape[1]
+    keep = prompt_len + length
+    tensors = {
+        "prompts": data.batch["prompts"],
+        "responses": data.batch["responses"][:, :length],
+        "response_mask": data.batch["response_mask"][:, :length],
+        "input_ids": data.batch["input_ids"][:, :keep],
+        "attention_mask": data.batch["attention_mask"][:, :keep],
+        "position_ids": data.batch["position_ids"][..., :keep],
+    }
+    out = DataProto(tensors, dict(data.non_tensor_batch), {"temperature": 1.0, "mini_batch_size": len(data)})
+    # Unequal lengths, as real responses have: row i keeps a share of 50..100% of its tokens.
+    lengths = (length * (0.5 + 0.5 * torch.rand(len(out), generator=torch.Generator().manual_seed(0)))).long()
+    cut = torch.arange(length)[None, :] >= lengths[:, None]
+    out.batch["response_mask"] = out.batch["response_mask"].masked_fill(cut, 0)
+    out.batch["attention_mask"] = out.batch["attention_mask"].clone()
+    out.batch["attention_mask"][:, prompt_len:] = out.batch["response_mask"]
+    scores = torch.randn(len(out))
+    out.batch["advantages"] = scores[:, None] * out.batch["response_mask"]
+    return out
+
+
+def time_step(worker: ActorRolloutRefWorker, data: DataProto, variant: dict) -> dict[str, float]:
+    actor_cfg = worker.config.actor
+    actor_cfg.logprob_chunk_size = variant["logprob_chunk_size"]
+    actor_cfg.dynamic_batching = variant["dynamic_batching"]
+    times: dict[str, float] = {"old": 0.0}
+    batch = data
+    if not variant["on_policy"]:
+        start = time.perf_counter()
+        batch = batch.union(worker.compute_log_probs(batch).select(["old_log_probs"]))
+        times["old"] = time.perf_counter() - start
+    start = time.perf_counter()
+    batch = batch.union(worker.compute_ref_log_probs(batch))
+    times["ref"] = time.perf_counter() - start
+    start = time.perf_counter()
+    worker.update_actor(batch)
+    times["update"] = time.perf_counter() - start
+    times["total"] = times["old"] + times["ref"] + times["update"]
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--ns", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--base-n", type=int, default=8, help="n while the length grows")
+    parser.add_argument("--base-length", type=int, default=64, help="response length while n grows")
+    parser.add_argument("--micro-update", type=int, default=8)
+    parser.add_argument("--micro-experience", type=int, default=16)
+    parser.add_argument("--max-token-len-per-gpu", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per cell (the median is shown)")
+    parser.add_argument("--quick", action="store_true", help="lengths 32 128, n 4 8")
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.ns = [32, 128], [4, 8]
+    torch.set_num_threads(1)
+
+    world = tiny_world_path()
+    worker = make_worker(world, args.micro_update, args.micro_experience, args.max_token_len_per_gpu)
+    n_full, len_full = max(args.ns + [args.base_n]), max(args.lengths + [args.base_length])
+    started = time.perf_counter()
+    full = sample_batch(worker, world, args.prompts, n_full, len_full)
+    print(f"sampled {len(full)} responses of up to {len_full} tokens in {time.perf_counter() - started:.1f}s")
+
+    cells = [(args.base_n, length) for length in args.lengths]
+    cells += [(n, args.base_length) for n in args.ns if (n, args.base_length) not in cells]
+    # Warm-up (first forward allocations, lazy inits) on the smallest cell.
+    time_step(worker, shrink(full, n_full, min(args.ns), min(args.lengths)), VARIANTS["plain"])
+
+    header = f"{'n':>3} {'len':>4} {'rows':>4} {'variant':<10} {'old':>7} {'ref':>7} {'update':>7} {'total':>7} {'vs plain':>8}"
+    print(header)
+    print("-" * len(header))
+    for n, length in cells:
+        data = shrink(full, n_full, n, length)
+        plain_total = None
+        for name, variant in VARIANTS.items():
+            runs = [time_step(worker, data, variant) for _ in range(args.repeats)]
+            t = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            plain_total = plain_total or t["total"]
+            print(
+                f"{n:>3} {length:>4} {len(data):>4} {name:<10} {t['old']:>7.2f} {t['ref']:>7.2f} "
+                f"{t['update']:>7.2f} {t['total']:>7.2f} {t['total'] / plain_total:>7.2f}x",
+                flush=True,
+            )
+    print(f"total benchmark time {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
