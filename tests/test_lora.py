@@ -204,6 +204,35 @@ def test_lora_keys_are_checked_at_load(tiny_world, tmp_path):
         config.check("worker")
 
 
+def test_a_lora_cold_start_feeds_a_lora_rl_run(tiny_world, batch, tmp_path):
+    """SFT with model.lora.* trains only adapters and saves the same adapter layout; the RL actor
+    starts from it (worker.actor.model.lora.adapter_path) as exactly the SFT model."""
+    from verl.utils.sft_dataset import ConversationEncoder, collate_examples, read_conversations
+    from verl.workers.config import LoRAConfig, SFTModelConfig, SFTOptimConfig
+    from verl.workers.sft_worker import SFTWorker
+
+    model_dir = str(tiny_world / "models" / "qwen2_5_vl")
+    model_config = SFTModelConfig(model_path=model_dir, lora=LoRAConfig(rank=4, alpha=8))
+    model_config.check("model")
+    sft = SFTWorker(model_config, SFTOptimConfig(lr=1e-2, lr_scheduler_type="constant", training_steps=10), 8, "cpu")
+    sft.init_model()
+    assert all(lora.is_lora_param(name) for name, p in sft.model.named_parameters() if p.requires_grad)
+    cold = tiny_world / "data" / "cold_start"
+    encoder = ConversationEncoder(sft.tokenizer, sft.processor)
+    conversations = read_conversations(str(cold / "seethink.json"), str(cold))[:2]
+    sft.train_step(collate_examples([encoder.encode(c) for c in conversations], sft.tokenizer.pad_token_id))
+    sft.save_checkpoint(str(tmp_path / "sft"))
+
+    config = worker_config(tiny_world)
+    config.actor.model.lora.adapter_path = str(tmp_path / "sft")
+    rl = ActorRolloutRefWorker(config, device="cpu", need_ref=False, seed=0)
+    rl.init_model()
+    expected = response_logits(sft.model, batch)
+    torch.testing.assert_close(response_logits(rl.model, batch), expected, atol=0, rtol=0)
+    base = make_worker(tiny_world, rank=0, need_ref=False)
+    assert (response_logits(base.model, batch) - expected).abs().max() > 1e-3, "the SFT step should have trained"
+
+
 # --- two FSDP2 workers (gloo) against one -----------------------------------------------------
 def _two_worker_rank(rank: int, world_size: int, port: int, config: WorkerConfig, batch_file: str, out: str) -> None:
     """One of two FSDP2 workers: reference log-probs, one update on its half, merged weights, a save."""

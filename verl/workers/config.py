@@ -35,7 +35,7 @@ class LoRAConfig:
     matched in full against module names (peft's `target_modules`)."""
     exclude_modules: str | None = ".*visual.*"
     """Regex of module names kept without adapters (peft's `exclude_modules`, matched in full); the
-    default leaves out Qwen-VL's vision tower and its projector (`model.visual.*`). None: exclude nothing."""
+    default leaves out Qwen-VL's vision tower and its projector (`model.visual.*`); null excludes nothing."""
     adapter_path: str | None = None
     """Start from a saved adapter: a checkpoint's actor folder (RL or SFT) or any peft adapter folder
     (adapter_config.json + adapter_model.safetensors) made for this base model, rank and alpha."""

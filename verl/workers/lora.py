@@ -65,7 +65,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> PeftModel:
     )
     if other:
         raise ValueError(
-            f"worker.actor.model.lora.target_modules={cfg.target_modules!r} adapts non-linear layers ({other}); "
+            f"lora.target_modules={cfg.target_modules!r} (worker.actor.model.lora or model.lora for SFT) adapts non-linear layers ({other}); "
             "only linear layers are supported (their merged weights are what the rollout engines receive)"
         )
     return peft_model
