@@ -70,7 +70,9 @@ def measure(model_path: str, rank: int, device: str, data_file: str) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True)
-    parser.add_argument("--data_file", required=True, help="a prompt parquet file (e.g. tiny_world/data/digit_sum/val.parquet)")
+    parser.add_argument(
+        "--data_file", required=True, help="a prompt parquet file (e.g. tiny_world/data/digit_sum/val.parquet)"
+    )
     parser.add_argument("--ranks", type=int, nargs="+", default=[0, 8], help="LoRA ranks to compare (0: full)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # the per-setting child

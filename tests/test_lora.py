@@ -198,7 +198,12 @@ def test_lora_keys_are_checked_at_load(tiny_world, tmp_path):
     config.actor.model.lora.adapter_path = str(tmp_path)
     with pytest.raises(ConfigError, match=r"worker.actor.model.lora.adapter_path.*no adapter_config.json"):
         config.check("worker")
-    config.actor.model.lora.adapter_path = None
+    config.actor.model.model_path = str(tmp_path / "lora_ckpt")
+    (tmp_path / "lora_ckpt").mkdir()
+    (tmp_path / "lora_ckpt" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"worker.actor.model.model_path.*is a LoRA checkpoint.*lora.adapter_path"):
+        config.check("worker")
+    config = worker_config(tiny_world)
     config.actor.model.lora.rank = -1
     with pytest.raises(ConfigError, match=r"worker.actor.model.lora.rank"):
         config.check("worker")

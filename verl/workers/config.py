@@ -38,7 +38,9 @@ class LoRAConfig:
     default leaves out Qwen-VL's vision tower and its projector (`model.visual.*`); null excludes nothing."""
     adapter_path: str | None = None
     """Start from a saved adapter: a checkpoint's actor folder (RL or SFT) or any peft adapter folder
-    (adapter_config.json + adapter_model.safetensors) made for this base model, rank and alpha."""
+    (adapter_config.json + adapter_model.safetensors) made for this base model, rank and alpha. The RL
+    reference policy stays `model_path` without adapters; for the adapted model as reference (e.g. a
+    LoRA cold start), merge it first (scripts/model_merger.py) and use the merged folder as model_path."""
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +79,12 @@ class ModelConfig:
 
     def check(self, prefix: str) -> None:
         require_choice(self.attn_implementation, ATTN_IMPLEMENTATIONS, f"{prefix}.attn_implementation")
+        require(
+            not os.path.isfile(os.path.join(self.model_path, "adapter_config.json")),
+            f"{prefix}.model_path",
+            f"{self.model_path} is a LoRA checkpoint (an adapter, no full weights): set model_path to its base model and "
+            f"{prefix}.lora.adapter_path to this folder, or merge it first (scripts/model_merger.py)",
+        )
         self.lora.check(f"{prefix}.lora")
 
 
