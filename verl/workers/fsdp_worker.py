@@ -67,6 +67,13 @@ class ActorRolloutRefWorker:
         self.model = self._build_model(actor_dtype, self.config.actor.fsdp, trainable=True)
         if model_cfg.lora.adapter_path:
             lora.load_adapter(model_cfg.lora.adapter_path, self.model, model_cfg.lora)
+            if self.need_ref and self.rank == 0:
+                logger.warning(
+                    "worker.actor.model.lora.adapter_path: the reference policy is %s without this adapter, so the KL "
+                    "term pulls the policy back towards it; to keep the adapted model as the reference, merge the "
+                    "adapter (scripts/model_merger.py) and train new adapters on the merged folder",
+                    model_cfg.model_path,
+                )
         self.ref_model = None
         if self.need_ref and self.peft_model is None:
             ref_dtype = resolve_dtype(self.config.ref.fsdp.torch_dtype, torch.bfloat16 if on_gpu else torch.float32)
