@@ -1,6 +1,7 @@
 """Turns an actor checkpoint into a plain Hugging Face model folder, and checks that it loads.
 
 python scripts/model_merger.py --local_dir CKPT/global_step_N/actor [--target_dir DIR] [--max_shard_size 5GB]
+                               [--base_model PATH] [--adapter_only]
 
 Reads a worker checkpoint (verl/workers/checkpoint.py: already a Hugging Face folder, with the
 optimizer state beside it) or one in the earlier multi-worker layout (`sharded/`,
@@ -8,12 +9,18 @@ torch.distributed.checkpoint, with the HF config beside it). Writes safetensors 
 above `--max_shard_size`), config, generation config, tokenizer and processor to `--target_dir`
 (default: `<local_dir>/huggingface`) without the training state, then loads the result with
 transformers and compares every tensor with the checkpoint's.
+
+A LoRA checkpoint (adapter_config.json + adapter_model.safetensors) is merged into its base model
+(`base_model_name_or_path` of the adapter config, or `--base_model`): W + (alpha / rank) * B @ A,
+written as a plain Hugging Face folder. `--adapter_only` writes the adapter alone in peft's format
+(loadable with `PeftModel.from_pretrained(base, DIR)`), checked by loading it onto the base model.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import warnings
 
 import torch
@@ -83,10 +90,61 @@ def verify(target_dir: str, expected: dict[str, torch.Tensor]) -> None:
     load_tokenizer_and_processor(target_dir)
 
 
-def merge_checkpoint(local_dir: str, target_dir: str | None = None, max_shard_size: str = "5GB") -> str:
-    """Write the HF folder for the checkpoint at `local_dir`, verify it, and return its path."""
-    target_dir = target_dir or os.path.join(local_dir, "huggingface")
-    model, weights = load_checkpoint_model(local_dir)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def load_adapter_model(local_dir: str, base_model: str | None) -> tuple[torch.nn.Module, str]:
+    """The base model with the checkpoint's adapter loaded by peft (not merged), and the base's path."""
+    from peft import PeftConfig, PeftModel
+
+    base = base_model or PeftConfig.from_pretrained(local_dir).base_model_name_or_path
+    if not base or not os.path.isfile(os.path.join(base, "config.json")):
+        raise FileNotFoundError(
+            f"{local_dir}: the adapter's base model {base!r} is not a local Hugging Face folder; pass --base_model"
+        )
+    model = model_class(AutoConfig.from_pretrained(base)).from_pretrained(base, dtype="auto")
+    return PeftModel.from_pretrained(model, local_dir), base
+
+
+def export_adapter(local_dir: str, target_dir: str, base_model: str | None = None) -> str:
+    """Copy the adapter in peft's format to `target_dir`, check that peft loads it onto the base
+    model with the checkpoint's values, and return `target_dir`."""
+    from safetensors.torch import load_file
+
+    os.makedirs(target_dir, exist_ok=True)
+    for name in ADAPTER_FILES:
+        shutil.copy(os.path.join(local_dir, name), os.path.join(target_dir, name))
+    expected = load_file(os.path.join(local_dir, ADAPTER_FILES[1]))
+    loaded = {
+        name: p for name, p in load_adapter_model(target_dir, base_model)[0].named_parameters() if "lora_" in name
+    }
+    for key, tensor in expected.items():
+        name = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        if name not in loaded or not torch.equal(loaded[name].detach().to(tensor.dtype), tensor):
+            raise RuntimeError(f"{target_dir}: peft did not load adapter weight {key} as saved")
+    return target_dir
+
+
+def merge_checkpoint(
+    local_dir: str,
+    target_dir: str | None = None,
+    max_shard_size: str = "5GB",
+    base_model: str | None = None,
+    adapter_only: bool = False,
+) -> str:
+    """Write the HF folder (or, with `adapter_only`, the peft adapter folder) for the checkpoint at
+    `local_dir`, verify it, and return its path."""
+    target_dir = target_dir or os.path.join(local_dir, "adapter" if adapter_only else "huggingface")
+    is_lora = os.path.isfile(os.path.join(local_dir, ADAPTER_FILES[0]))
+    if adapter_only:
+        if not is_lora:
+            raise ValueError(f"--adapter_only: {local_dir} is no LoRA checkpoint (no {ADAPTER_FILES[0]})")
+        return export_adapter(local_dir, target_dir, base_model)
+    if is_lora:
+        model = load_adapter_model(local_dir, base_model)[0].merge_and_unload()
+        weights = model.state_dict()
+    else:
+        model, weights = load_checkpoint_model(local_dir)
     tokenizer, processor = load_tokenizer_and_processor(local_dir)
     os.makedirs(target_dir, exist_ok=True)
     model.save_pretrained(target_dir, max_shard_size=max_shard_size, safe_serialization=True)
@@ -102,9 +160,20 @@ def main() -> None:
     parser.add_argument("--local_dir", required=True, help="the actor folder of a checkpoint: CKPT/global_step_N/actor")
     parser.add_argument("--target_dir", default=None, help="output folder (default: <local_dir>/huggingface)")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument(
+        "--base_model", default=None, help="LoRA: the base model folder (default: the adapter config's base path)"
+    )
+    parser.add_argument(
+        "--adapter_only",
+        action="store_true",
+        help="LoRA: write the adapter alone in peft's format (default dir: adapter)",
+    )
     args = parser.parse_args()
-    target = merge_checkpoint(args.local_dir, args.target_dir, args.max_shard_size)
-    print(f"merged {args.local_dir} into {target}; it loads with transformers and matches the checkpoint")
+    target = merge_checkpoint(args.local_dir, args.target_dir, args.max_shard_size, args.base_model, args.adapter_only)
+    if args.adapter_only:
+        print(f"exported the adapter of {args.local_dir} to {target}; peft loads it onto its base model")
+    else:
+        print(f"merged {args.local_dir} into {target}; it loads with transformers and matches the checkpoint")
 
 
 if __name__ == "__main__":

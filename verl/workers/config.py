@@ -8,6 +8,7 @@ dispatches on, so a value the code cannot run fails at load, naming the key and 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,46 @@ from verl.reward.function import REWARD_TYPES
 from verl.utils.config import require, require_choice
 from verl.workers.optimizer import LR_SCHEDULES, OPTIMIZERS
 from verl.workers.rollout import ROLLOUT_ENGINES
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the language model; the base weights stay frozen (EasyR1's names)."""
+
+    rank: int = 0
+    """Adapter rank; 0 turns LoRA off (full fine-tuning)."""
+    alpha: float = 16.0
+    """Scale numerator: each adapter adds (alpha / rank) * B @ A to its layer's weight."""
+    dropout: float = 0.0
+    """Dropout on the adapters' inputs while training."""
+    target_modules: str = "all-linear"
+    """Layers that get adapters: all-linear (every linear layer except the output head), or a regex
+    matched in full against module names (peft's `target_modules`)."""
+    exclude_modules: str | None = ".*visual.*"
+    """Regex of module names kept without adapters (peft's `exclude_modules`, matched in full); the
+    default leaves out Qwen-VL's vision tower and its projector (`model.visual.*`); null excludes nothing."""
+    adapter_path: str | None = None
+    """Start from a saved adapter: a checkpoint's actor folder (RL or SFT) or any peft adapter folder
+    (adapter_config.json + adapter_model.safetensors) made for this base model, rank and alpha. The RL
+    reference policy stays `model_path` without adapters; for the adapted model as reference (e.g. a
+    LoRA cold start), merge it first (scripts/model_merger.py) and use the merged folder as model_path."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def check(self, prefix: str) -> None:
+        require(self.rank >= 0, f"{prefix}.rank", "must be >= 0 (0 turns LoRA off)")
+        require(self.alpha > 0, f"{prefix}.alpha", "must be positive")
+        require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
+        require(bool(self.target_modules), f"{prefix}.target_modules", "must name the layers to adapt")
+        if self.adapter_path is not None:
+            require(self.enabled, f"{prefix}.adapter_path", f"needs {prefix}.rank > 0")
+            require(
+                os.path.isfile(os.path.join(self.adapter_path, "adapter_config.json")),
+                f"{prefix}.adapter_path",
+                f"{self.adapter_path} holds no adapter_config.json (expected a LoRA checkpoint or peft adapter folder)",
+            )
 
 
 @dataclass
@@ -32,9 +73,19 @@ class ModelConfig:
     """Keep the vision encoder's weights fixed (RL: the whole encoder, its projector included, as in EasyR1)."""
     attn_implementation: str = "auto"
     """auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager or flash_attention_2."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA training (rank > 0): only the adapters train; the RL reference policy is the same model with
+    its adapters switched off."""
 
     def check(self, prefix: str) -> None:
         require_choice(self.attn_implementation, ATTN_IMPLEMENTATIONS, f"{prefix}.attn_implementation")
+        require(
+            not os.path.isfile(os.path.join(self.model_path, "adapter_config.json")),
+            f"{prefix}.model_path",
+            f"{self.model_path} is a LoRA checkpoint (an adapter, no full weights): set model_path to its base model and "
+            f"{prefix}.lora.adapter_path to this folder, or merge it first (scripts/model_merger.py)",
+        )
+        self.lora.check(f"{prefix}.lora")
 
 
 @dataclass
@@ -157,6 +208,12 @@ class ActorConfig:
         require_choice(self.policy_loss, POLICY_LOSSES, f"{prefix}.policy_loss")
         require_choice(self.loss_agg_mode, LOSS_AGG_MODES, f"{prefix}.loss_agg_mode")
         self.model.check(f"{prefix}.model")
+        require(
+            not (self.model.lora.enabled and self.use_kl_loss and self.kl_penalty == "full"),
+            "algorithm.kl_penalty",
+            "full (a second forward inside the update) is not available with LoRA "
+            f"({prefix}.model.lora.rank > 0); use low_var_kl, kl, abs or mse",
+        )
         self.optim.check(f"{prefix}.optim")
         self.fsdp.check(f"{prefix}.fsdp")
 

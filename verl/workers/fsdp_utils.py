@@ -124,7 +124,7 @@ def build_model(
 ) -> torch.nn.Module:
     """A worker's model: a plain module on `device` in a single process; FSDP2-sharded over every
     rank when the process group is up (see `build_sharded_model`). `prepare` sets it up before
-    sharding (requires_grad, gradient checkpointing)."""
+    sharding (requires_grad, gradient checkpointing, LoRA adapters injected in place)."""
     if not dist.is_initialized():
         model = load_model(path, dtype, attn_implementation, trust_remote_code)
         prepare(model)
@@ -160,14 +160,13 @@ def build_sharded_model(
     Host memory holds one full copy of the model (on rank 0) instead of one per worker.
     """
     rank = dist.get_rank()
+    model = (load_model if rank == 0 else _meta_model)(path, dtype, attn_implementation, trust_remote_code)
+    prepare(model)
+    full_state, buffers = {}, {}
     if rank == 0:
-        model = load_model(path, dtype, attn_implementation, trust_remote_code)
+        # Taken after `prepare`, which may add parameters (LoRA adapters, initialised on rank 0).
         full_state = model.state_dict()
         buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    else:
-        model = _meta_model(path, dtype, attn_implementation, trust_remote_code)
-        full_state, buffers = {}, {}
-    prepare(model)
     shard_model(model, mesh, mp_policy, full_shard)
     model.to_empty(device=device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

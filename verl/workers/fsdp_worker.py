@@ -29,7 +29,7 @@ from verl.models.loading import (
 from verl.protocol import DataProto, SamplingParams
 from verl.single_controller.dispatch import Dispatch, register
 from verl.utils.device import resolve_device
-from verl.workers import checkpoint, fsdp_utils
+from verl.workers import checkpoint, fsdp_utils, lora
 from verl.workers.actor.dp_actor import ADDITIVE_METRICS, DataParallelActor
 from verl.workers.config import FSDPConfig, WorkerConfig
 from verl.workers.optimizer import build_lr_scheduler, build_optimizer
@@ -39,7 +39,11 @@ logger = logging.getLogger(__name__)
 
 
 class ActorRolloutRefWorker:
-    """Roles: actor + rollout always; reference when `need_ref` (KL on)."""
+    """Roles: actor + rollout always; reference when `need_ref` (KL on).
+
+    With LoRA (`worker.actor.model.lora.rank > 0`) the actor trains only its adapters and there is no
+    second model: the reference policy is the actor with its adapters switched off.
+    """
 
     def __init__(self, config: WorkerConfig, device: str = "auto", need_ref: bool = True, seed: int = 1) -> None:
         self.config = config
@@ -59,9 +63,19 @@ class ActorRolloutRefWorker:
         )
         on_gpu = self.device.type == "cuda"
         actor_dtype = resolve_dtype(self.config.actor.fsdp.torch_dtype, torch.float32)
+        self.peft_model = None
         self.model = self._build_model(actor_dtype, self.config.actor.fsdp, trainable=True)
+        if model_cfg.lora.adapter_path:
+            lora.load_adapter(model_cfg.lora.adapter_path, self.model, model_cfg.lora)
+            if self.need_ref and self.rank == 0:
+                logger.warning(
+                    "worker.actor.model.lora.adapter_path: the reference policy is %s without this adapter, so the KL "
+                    "term pulls the policy back towards it; to keep the adapted model as the reference, merge the "
+                    "adapter (scripts/model_merger.py) and train new adapters on the merged folder",
+                    model_cfg.model_path,
+                )
         self.ref_model = None
-        if self.need_ref:
+        if self.need_ref and self.peft_model is None:
             ref_dtype = resolve_dtype(self.config.ref.fsdp.torch_dtype, torch.bfloat16 if on_gpu else torch.float32)
             self.ref_model = self._build_model(ref_dtype, self.config.ref.fsdp, trainable=False).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -79,6 +93,8 @@ class ActorRolloutRefWorker:
             ref_model=self.ref_model if self.config.actor.kl_penalty == "full" else None,
         )
         self.ref_actor = DataParallelActor(self.config.actor, self.ref_model) if self.ref_model is not None else None
+        if self.need_ref and self.peft_model is not None:
+            self.ref_actor = DataParallelActor(self.config.actor, self.model)  # run with the adapters off
         rollout_cfg = self.config.rollout
         self.rollout = get_rollout_engine(rollout_cfg.name)(
             model=self.model,
@@ -104,7 +120,10 @@ class ActorRolloutRefWorker:
 
         def prepare(model: torch.nn.Module) -> None:
             model.requires_grad_(trainable)
-            if trainable:
+            if trainable and model_cfg.lora.enabled:
+                # Freezes every base weight (the vision tower included); only the adapters train.
+                self.peft_model = lora.apply_lora(model, model_cfg.lora)
+            elif trainable:
                 # As in EasyR1: freezing the vision tower freezes its projector too.
                 freeze = model_cfg.freeze_vision_tower
                 if not freeze_vision_parts(model, freeze_tower=freeze, freeze_projector=freeze) and freeze:
@@ -155,11 +174,16 @@ class ActorRolloutRefWorker:
     def compute_ref_log_probs(self, data: DataProto) -> DataProto:
         if self.ref_actor is None:
             raise RuntimeError("compute_ref_log_probs called on a worker without the reference role")
-        with self.ref_offload.loaded():
+        if self.peft_model is not None:  # LoRA: the reference is the base model, i.e. the adapters off
+            loaded, ref_model = self.actor_offload.loaded(), self.model
+            base_policy = lora.adapters_disabled(self.peft_model)
+        else:
+            loaded, ref_model, base_policy = self.ref_offload.loaded(), self.ref_model, nullcontext()
+        with loaded, base_policy:
             log_probs, _ = self.ref_actor.compute_log_probs(
                 data, data.meta_info["temperature"], self.config.ref.micro_batch_size_per_device_for_experience
             )
-            fsdp_utils.release_gathered(self.ref_model)
+            fsdp_utils.release_gathered(ref_model)
         return DataProto.from_dict(tensors={"ref_log_probs": log_probs})
 
     @register(Dispatch.DP_COMPUTE)
@@ -190,7 +214,7 @@ class ActorRolloutRefWorker:
         """The shared worker layout (verl/workers/checkpoint.py) plus `worker_config.json`."""
         with self.actor_offload.loaded(with_optimizer=True):
             checkpoint.save_checkpoint(
-                path, self.model, self.optimizer, self.lr_scheduler, self.tokenizer, self.processor
+                path, self.model, self.optimizer, self.lr_scheduler, self.tokenizer, self.processor, self.peft_model
             )
         if self.rank == 0:
             with open(os.path.join(path, "worker_config.json"), "w") as f:

