@@ -47,6 +47,7 @@ def build_trainer(config: PPOConfig):
     data = config.data
     reward_cfg = config.worker.reward
     reward_fn = RewardFunction(reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type)
+    val_reward_fn = build_val_reward(config)
 
     # The driver tokenizes data itself; workers load their own copy of the same files.
     model_cfg = config.worker.actor.model
@@ -82,7 +83,17 @@ def build_trainer(config: PPOConfig):
     worker_kwargs = {"config": config.worker, "need_ref": not config.algorithm.disable_kl, "seed": config.trainer.seed}
     worker_group = build_worker_group(ActorRolloutRefWorker, worker_kwargs, config.trainer)
     logger.info("model parameters: %s", worker_group.init_model())
-    return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn)
+    return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn, val_reward_fn)
+
+
+def build_val_reward(config: PPOConfig) -> Any:
+    """The reward function scoring validation (`worker.val_reward`), or None to use the training one."""
+    from verl.reward import RewardFunction
+
+    val_cfg = config.worker.val_reward
+    if val_cfg is None:
+        return None
+    return RewardFunction(val_cfg.reward_function, val_cfg.reward_function_kwargs, val_cfg.reward_type)
 
 
 def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, Any]) -> None:
@@ -120,6 +131,10 @@ def check_ppo_config(config: PPOConfig) -> str:
         )
     except RewardFunctionError as exc:
         raise ConfigError(f"config key `worker.reward.reward_function`: {exc}") from None
+    try:
+        build_val_reward(config)
+    except RewardFunctionError as exc:
+        raise ConfigError(f"config key `worker.val_reward.reward_function`: {exc}") from None
     try:
         get_rollout_engine(config.worker.rollout.name)
     except ValueError as exc:

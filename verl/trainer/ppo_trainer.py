@@ -346,8 +346,10 @@ class PPOTrainer:
         metrics.update({f"val/{k}": float(np.mean(v)) for k, v in stage_metrics.items()})
         self.last_val_generations = rows
         if write_generations:
-            os.makedirs(self.checkpoint_root, exist_ok=True)
-            path = os.path.join(self.checkpoint_root, f"generations_step_{self.global_step}.jsonl")
+            path = self.config.trainer.response_path or os.path.join(
+                self.checkpoint_root, f"generations_step_{self.global_step}.jsonl"
+            )
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")

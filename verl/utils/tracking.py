@@ -4,7 +4,8 @@ Loggers, chosen by name (`trainer.logger`):
 - `console`: one line per step;
 - `file`: JSON lines in `<output_dir>/metrics.jsonl` and `<output_dir>/generations.jsonl`;
 - `wandb`: a Weights & Biases run (set `WANDB_MODE=offline` to log without an account);
-- `tensorboard`: event files in `<output_dir>/tensorboard`.
+- `tensorboard`: event files in `<output_dir>/tensorboard`;
+- `swanlab`: a SwanLab run (optional package `swanlab`).
 
 On resume (`resume=True`) the file and tensorboard loggers drop what the interrupted run logged at or
 after the first step logged now, so replayed steps appear once. A new backend is a `Logger`
@@ -260,3 +261,26 @@ class Tracker:
         """Flush and close every logger (call once, at the end of training)."""
         for logger in self.loggers:
             logger.finish()
+
+
+@register_logger("swanlab")
+class SwanlabLogger(Logger):
+    """A SwanLab run (EasyR1's `swanlab` logger) under `<output_dir>/swanlab`; needs `pip install swanlab`
+    (set `SWANLAB_MODE=local` to log without an account)."""
+
+    def __init__(self, run: RunInfo) -> None:
+        super().__init__(run)
+        self._swanlab = _import_optional("swanlab", "swanlab")
+        logdir = os.path.join(run.output_dir, "swanlab")
+        os.makedirs(logdir, exist_ok=True)  # swanlab wants the folder to exist
+        self._swanlab.init(project=run.project, experiment_name=run.experiment, config=run.config, logdir=logdir)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._swanlab.log(metrics, step=step)
+
+    def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
+        text = "\n\n".join(" | ".join(f"{key}={value!r}" for key, value in row.items()) for row in rows)
+        self._swanlab.log({"generations": self._swanlab.Text(text)}, step=step)
+
+    def finish(self) -> None:
+        self._swanlab.finish()
