@@ -268,8 +268,19 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
     return SFTTrainer(config, tokenizer, worker_group, train_loader, val_loader, generation_loader, reward_fn)
 
 
+USAGE = (
+    "usage: python -m verl.trainer.sft [config=FILE.yaml ...] [key.sub=value ...] [--check-config] [-h]\n"
+    "       vision-sr1-sft ...  (the same, once the package is installed)"
+)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_cli(argv, SFTConfig, build_trainer)
+    return run_cli(argv, SFTConfig, build_trainer, None, USAGE, __doc__ or "", "examples/sft_config.yaml")
+
+
+def cli() -> None:
+    """Console entry point `vision-sr1-sft`."""
+    main()
 
 
 if __name__ == "__main__":
