@@ -23,6 +23,7 @@ from verl.utils.cli_help import handle_help
 from verl.utils.config import ConfigError, load_config
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.utils.device import resolve_device
+from verl.utils.progress import progress
 from verl.workers.rollout.hf_rollout import HFRollout
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def generate_benchmark(config: GenerateConfig, spec: str, engine: HFRollout, tok
         n=1, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed
     )
     written = 0
-    for start in range(0, len(todo), config.batch_size):
+    batch_starts = range(0, len(todo), config.batch_size)
+    for start in progress(batch_starts, f"generate {spec}", len(batch_starts)):
         items = todo[start : start + config.batch_size]
         batch = collate_prompts([dataset[i] for i in items], tokenizer.pad_token_id)
         output = engine.generate(batch, sampling)
