@@ -152,3 +152,15 @@ def test_module_reward_type_constant_is_honoured(tmp_path):
     assert reward(samples) == [{"overall": 0.5}, {"overall": 0.5}]
     with pytest.raises(Exception, match="REWARD_TYPE='sequential'"):
         RewardFunction(f"{spec}:compute_score", reward_type="batch")
+
+
+def test_readme_table_lists_every_foreign_key():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Coming from EasyR1 / Vision-SR1", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for key in FOREIGN_KEYS:
+        head, _, last = key.rpartition(".")
+        braced = head.replace("worker.actor.", "worker.{actor,ref}.").replace("worker.ref.", "worker.{actor,ref}.")
+        if f"`{key}`" not in section and f"`{braced}.{last}`" not in section:
+            missing.append(key)
+    assert missing == []
