@@ -5,6 +5,7 @@ configs (EasyR1's examples/config.yaml; the original's train_examples/*_config.y
 
 from __future__ import annotations
 
+import json
 import textwrap
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -164,3 +165,33 @@ def test_readme_table_lists_every_foreign_key():
         if f"`{key}`" not in section and f"`{braced}.{last}`" not in section:
             missing.append(key)
     assert missing == []
+
+
+def test_val_reward_scores_validation_and_response_path_receives_it(tiny_world, tmp_path):
+    """The original's accuracy-only validation: worker.val_reward scores every validation answer,
+    trainer.response_path receives the val_only generations, and the run draws its curves."""
+    from test_trainer import read_metrics, run_args
+
+    from verl.trainer.main import main
+
+    val_reward = tmp_path / "validation.py"
+    val_reward.write_text(
+        "REWARD_TYPE = 'sequential'\n\n"
+        "def compute_score(reward_input):\n"
+        "    return {'overall': 0.25, 'accuracy': 0.25}\n"
+    )
+    responses = tmp_path / "responses" / "val.jsonl"
+    main(
+        run_args(
+            tiny_world,
+            tmp_path,
+            "trainer.val_only=true",
+            f"worker.val_reward.reward_function={val_reward}:compute_score",
+            f"trainer.response_path={responses}",
+        )
+    )
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert len(rows) == 128 and all(row["score"] == {"overall": 0.25, "accuracy": 0.25} for row in rows)
+    assert not (tmp_path / "generations_step_0.jsonl").exists()
+    assert read_metrics(tmp_path)[0]["val/reward/accuracy"] == 0.25
+    assert (tmp_path / "reward_curves.png").is_file()
