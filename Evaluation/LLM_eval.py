@@ -33,6 +33,8 @@ from judge import (
 from rule_grading import rule_grade
 from schema import JUDGE_CACHE_FILE, RowError, is_multiple_choice, load_generations, load_graded
 
+from verl.utils.progress import progress
+
 
 def needs_judge(row: dict[str, Any], rule_correct: bool) -> bool:
     """Only free-form rows the rules did not accept are worth a judge call."""
@@ -122,7 +124,7 @@ def grade_file(
                     pool.submit(judge_verdict, judge, cache, row, rule_answer): (row, rule_answer)
                     for row, rule_answer in to_judge
                 }
-                for future in as_completed(futures):
+                for future in progress(as_completed(futures), "judge", len(futures), unit="answer"):
                     row, rule_answer = futures[future]
                     write(row, False, rule_answer, future.result())
             finally:

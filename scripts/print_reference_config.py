@@ -5,9 +5,6 @@ python scripts/print_reference_config.py > examples/config.yaml
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -16,21 +13,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from verl.trainer.config import PPOConfig  # noqa: E402
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after a field) of a dataclass and the
-    dataclasses it derives from; a subclass's own docstring wins."""
-    docs = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
-        for node, following in zip(body, body[1:]):
-            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-            if isinstance(node, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
-                docs[node.target.id] = " ".join(following.value.value.split())  # type: ignore[union-attr]
-    return docs
+from verl.utils.cli_help import field_docs  # noqa: E402
 
 
 def emit(cls: type, indent: int, out: list[str]) -> None:

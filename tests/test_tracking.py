@@ -28,14 +28,14 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in file]
 
 
-def test_registry_holds_the_four_loggers():
-    assert sorted(LOGGERS) == ["console", "file", "tensorboard", "wandb"]
+def test_registry_holds_the_five_loggers():
+    assert sorted(LOGGERS) == ["console", "file", "swanlab", "tensorboard", "wandb"]
 
 
 def test_unknown_logger_lists_valid_names(tmp_path):
     with pytest.raises(
         ValueError,
-        match=r"unknown logger\(s\) \['mlflow'\]; valid names: \['console', 'file', 'tensorboard', 'wandb'\]",
+        match=r"unknown logger\(s\) \['mlflow'\]; valid names: \['console', 'file', 'swanlab', 'tensorboard', 'wandb'\]",
     ):
         make_tracker(["console", "mlflow"], tmp_path)
 
@@ -178,3 +178,30 @@ def test_missing_package_says_what_to_install(tmp_path, monkeypatch, package):
         ImportError, match=f"the '{package}' logger needs the '{package}' package: pip install {package}"
     ):
         make_tracker([package], tmp_path)
+
+
+def test_file_logger_draws_the_curves_when_the_run_finishes(tmp_path):
+    from PIL import Image
+
+    from verl.utils.plot_metrics import plot, read_metrics
+
+    tracker = make_tracker(["file"], tmp_path)
+    for step in range(1, 5):
+        tracker.log({"reward/overall": 0.1 * step, "reward/accuracy": 0.2 * step, "actor/pg_loss": -0.1}, step)
+    tracker.log({"val/reward/overall": 0.5, "val/reward/accuracy": 0.75}, step=4)
+    assert not (tmp_path / "reward_curves.png").exists()
+    tracker.finish()
+    with Image.open(tmp_path / "reward_curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 100
+    drawn = plot({"run": read_metrics(tmp_path)}, tmp_path / "again.png")
+    assert drawn == ["training rewards", "validation rewards / accuracy", "losses"]
+
+
+def test_swanlab_logger_without_the_package_says_how_to_install(tmp_path):
+    try:
+        import swanlab  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install swanlab"):
+            make_tracker(["swanlab"], tmp_path)
+    else:
+        pytest.skip("swanlab is installed here")

@@ -1,6 +1,7 @@
 """Loading and calling a user's reward function, named `path/to/file.py:function_name`.
 
-The documented interface (EasyR1's batch style, reward_type="batch"):
+The documented interface (EasyR1's batch style, reward_type="batch"; a file may declare its style
+with a module constant, `REWARD_TYPE = "sequential"`, which an unset reward_type follows):
 
     def compute_score(reward_inputs: list[RewardInput], **kwargs) -> list[dict[str, float]]
 
@@ -36,6 +37,9 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 REWARD_TYPES = ("batch", "sequential")
+# A module constant declaring how the file's functions are called, as EasyR1's reward files do
+# (`REWARD_TYPE = "sequential"` in examples/reward_function/r1v.py).
+REWARD_TYPE_CONSTANT = "REWARD_TYPE"
 # Parameter names of the original Vision-SR1 batch signature, in its order.
 ORIGINAL_PARAMETERS = ("predicts", "ground_truths", "questions", "description_answers")
 
@@ -65,6 +69,22 @@ class RewardFunctionError(RuntimeError):
     """The reward function could not be loaded, called, or returned an unusable result."""
 
 
+def _resolve_reward_type(spec: str, fn: Callable[..., Any], configured: str | None) -> str:
+    """The configured reward type, else the file's `REWARD_TYPE`, else batch; a configured type
+    that contradicts the file's declaration is an error (the file knows how its function is called)."""
+    declared = getattr(fn, "__globals__", {}).get(REWARD_TYPE_CONSTANT)
+    if declared is not None and declared not in REWARD_TYPES:
+        raise RewardFunctionError(
+            f"{spec}: its module's {REWARD_TYPE_CONSTANT}={declared!r} is not one of {REWARD_TYPES}"
+        )
+    if configured is not None and declared is not None and configured != declared:
+        raise RewardFunctionError(
+            f"{spec}: reward_type {configured!r} is configured but its module declares "
+            f"{REWARD_TYPE_CONSTANT}={declared!r} (leave reward_type unset to follow the file)"
+        )
+    return configured or declared or "batch"
+
+
 # A sample shortened for error messages (long responses cut to 80 characters).
 _sample_repr = reprlib.Repr()
 _sample_repr.maxstring = _sample_repr.maxother = 80
@@ -79,13 +99,14 @@ class RewardFunction:
     self-reward stage's answers.
     """
 
-    def __init__(self, spec: str, kwargs: Mapping[str, Any] | None = None, reward_type: str = "batch"):
-        if reward_type not in REWARD_TYPES:
+    def __init__(self, spec: str, kwargs: Mapping[str, Any] | None = None, reward_type: str | None = None):
+        if reward_type is not None and reward_type not in REWARD_TYPES:
             raise RewardFunctionError(f"reward_type {reward_type!r} for {spec!r} is not one of {REWARD_TYPES}")
         self.spec = spec
         self.kwargs = dict(kwargs or {})
-        self.reward_type = reward_type
         self._path, self._fn = _load_function(spec)
+        reward_type = _resolve_reward_type(spec, self._fn, reward_type)
+        self.reward_type = reward_type
         try:
             signature = inspect.signature(self._fn)
         except (TypeError, ValueError) as exc:

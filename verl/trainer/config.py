@@ -10,11 +10,12 @@ loaded, naming the key and (for enumerations) the choices of the registry the co
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from verl.algorithms.core_algos import ADV_ESTIMATORS, KL_CONTROLLERS, KL_MODES
 from verl.utils.checkpoint import CHECKSUMS, ON_DAMAGED
-from verl.utils.config import require, require_choice
+from verl.utils.config import ForeignKey, no_op, not_available, require, require_choice
 from verl.utils.device import DEVICES
 from verl.utils.tracking import LOGGERS
 from verl.workers.config import WorkerConfig
@@ -141,7 +142,7 @@ class RunConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides total_epochs when smaller)."""
     logger: list[str] = field(default_factory=lambda: ["console", "file"])
-    """Any of console, file, wandb, tensorboard."""
+    """Any of console, file, wandb, tensorboard, swanlab (the last three need their packages)."""
     val_freq: int = -1
     """Evaluate on the validation data every N steps; -1: only at the end."""
     val_before_train: bool = True
@@ -216,7 +217,9 @@ class RunConfig:
 @dataclass
 class TrainerConfig(RunConfig):
     val_only: bool = False
-    """Only validate, writing generations to `<save_checkpoint_path>/generations_step_<N>.jsonl`."""
+    """Only validate, writing generations to `response_path` (default `<save_checkpoint_path>/generations_step_<N>.jsonl`)."""
+    response_path: str | None = None
+    """val_only: the JSONL file the validation generations are written to (as the original Vision-SR1's key)."""
     val_generations_to_log: int = 4
 
 
@@ -227,6 +230,11 @@ class PPOConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     self_reward: SelfRewardConfig = field(default_factory=SelfRewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @classmethod
+    def foreign_keys(cls) -> dict[str, ForeignKey]:
+        """Keys of EasyR1's and the original Vision-SR1's configs that are not ours (see FOREIGN_KEYS)."""
+        return FOREIGN_KEYS
 
     def __post_init__(self) -> None:
         self.worker.actor.use_kl_loss = self.algorithm.use_kl_loss and not self.algorithm.disable_kl
@@ -317,3 +325,121 @@ def reward_keys_rule(config: PPOConfig, reward_keys: set[str]) -> None:
             "algorithm.filter_key",
             f"{algo.filter_key!r} is not a key the reward function returns (it returns {sorted(reward_keys)})",
         )
+
+
+# --- configs written for EasyR1 or the original Vision-SR1 ---------------------------------------
+def _falsy(value: object, source: object) -> bool:
+    return not value
+
+
+def _lora_off(value: object, source: object) -> bool:
+    return not (isinstance(value, dict) and value.get("rank"))
+
+
+def _filter_window_edge(default: float) -> Callable[[object, object], bool]:
+    def accepts(value: object, config: object) -> bool:
+        from omegaconf import OmegaConf
+
+        return not OmegaConf.select(config, "algorithm.online_filtering", default=False) or value == default
+
+    return accepts
+
+
+def _val_override(value: object) -> dict[str, object]:
+    names = {"temperature": "val_temperature", "top_p": "val_top_p", "n": "val_n"}
+    return {f"worker.rollout.{names[k]}": v for k, v in dict(value).items()}  # type: ignore[call-overload]
+
+
+def _val_override_known(value: object, source: object) -> bool:
+    return isinstance(value, dict) and set(value) <= {"temperature", "top_p", "n"}
+
+
+def _cpu_offload(prefix: str, optimizer: bool) -> ForeignKey:
+    def to(value: object) -> dict[str, object]:
+        if not value:
+            return {}
+        keys = {f"{prefix}.offload.offload_params": True}
+        if optimizer:
+            keys[f"{prefix}.offload.offload_optimizer"] = True
+        return keys
+
+    return ForeignKey(
+        f"true keeps the parameters{' and optimizer states' if optimizer else ''} on CPU outside compute: "
+        f"sets `{prefix}.offload.offload_params`{' and `offload_optimizer`' if optimizer else ''} (false: no effect)",
+        to=to,
+        wins=True,
+    )
+
+
+_RANK0_INIT = (
+    "every rank reads the checkpoint itself, then FSDP shards it: the same weights (more host memory "
+    "while loading a large model)"
+)
+_SEQUENCE_PARALLEL = no_op(
+    "1 (no sequence parallelism) is what this code does; sequence parallelism is not available "
+    "(long sequences: worker.actor.model.enable_gradient_checkpointing and a smaller micro batch)",
+    accepts=lambda value, source: value in (1, None),
+)
+
+FOREIGN_KEYS: dict[str, ForeignKey] = {
+    # EasyR1 examples/config.yaml
+    "data.video_key": no_op(
+        "video inputs are not available: the column is not read (rows are trained on their text and images)"
+    ),
+    "data.video_fps": no_op("video inputs are not available: not read"),
+    "data.mini_rollout_batch_size": no_op(
+        "null (generate the whole rollout batch at once) is what this code does; smaller generation chunks: "
+        "worker.rollout.micro_batch_size (hf engine) or worker.rollout.max_num_batched_tokens (vllm)",
+        accepts=_falsy,
+    ),
+    "data.max_input_length": no_op("unused by the original Vision-SR1 too; the limit is data.max_prompt_length"),
+    "algorithm.filter_low": no_op(
+        "dynamic sampling keeps the groups whose `filter_key` scores are not all equal; for 0/1 scores (groups "
+        "under 100 samples) that is the default (0.01, 0.99) window; other windows are not available",
+        accepts=_filter_window_edge(0.01),
+    ),
+    "algorithm.filter_high": no_op(
+        "see algorithm.filter_low: only the default 0.99 (or online_filtering off)",
+        accepts=_filter_window_edge(0.99),
+    ),
+    "worker.actor.padding_free": no_op(
+        "accepted: sequences are padded here; the log-probs and the update are the same either way"
+    ),
+    "worker.actor.dynamic_batching": no_op(
+        "false is what this code does; token-budget micro-batches are coming as `worker.actor.dynamic_batching` "
+        "(until then: worker.actor.micro_batch_size_per_device_for_update)",
+        accepts=_falsy,
+    ),
+    "worker.actor.max_token_len_per_gpu": not_available(
+        "token-budget micro-batches are coming as `worker.actor.max_tokens_per_micro_batch` (until then: "
+        "worker.actor.micro_batch_size_per_device_for_update)"
+    ),
+    "worker.actor.ulysses_size": _SEQUENCE_PARALLEL,
+    "worker.actor.ulysses_sequence_parallel_size": _SEQUENCE_PARALLEL,
+    "worker.actor.model.lora": no_op(
+        "rank 0 (no LoRA) is full fine-tuning, what this code does; LoRA is coming as `worker.actor.model.lora.*`",
+        accepts=_lora_off,
+    ),
+    "worker.actor.fsdp.enable_cpu_offload": _cpu_offload("worker.actor", optimizer=True),
+    "worker.ref.fsdp.enable_cpu_offload": _cpu_offload("worker.ref", optimizer=False),
+    "worker.actor.fsdp.enable_rank0_init": no_op(_RANK0_INIT),
+    "worker.ref.fsdp.enable_rank0_init": no_op(_RANK0_INIT),
+    "worker.rollout.val_override_config": ForeignKey(
+        "validation sampling: temperature, top_p and n set worker.rollout.val_temperature, val_top_p and val_n "
+        "(other keys are not available)",
+        to=_val_override,
+        accepts=_val_override_known,
+    ),
+    "trainer.max_try_make_batch": ForeignKey(
+        "dynamic sampling's generation batches per step: sets algorithm.max_refills to this minus 1 (when the "
+        "last one still lacks groups, the step trains on those kept instead of stopping); no limit (<= 0) is "
+        "not available",
+        to=lambda value: {"algorithm.max_refills": int(value) - 1},  # type: ignore[call-overload]
+        accepts=lambda value, source: isinstance(value, int) and value > 0,
+    ),
+    "trainer.save_model_only": no_op(
+        "false (checkpoints hold the optimizer, to resume) is what this code does; the model alone: "
+        "scripts/model_merger.py on a checkpoint, and trainer.save_limit to bound the disk used",
+        accepts=_falsy,
+    ),
+}

@@ -19,9 +19,11 @@ import torch
 
 from verl.models.loading import load_model, load_tokenizer_and_processor, resolve_attn_implementation
 from verl.protocol import SamplingParams
+from verl.utils.cli_help import handle_help
 from verl.utils.config import ConfigError, load_config
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.utils.device import resolve_device
+from verl.utils.progress import progress
 from verl.workers.rollout.hf_rollout import HFRollout
 
 logger = logging.getLogger(__name__)
@@ -120,7 +122,8 @@ def generate_benchmark(config: GenerateConfig, spec: str, engine: HFRollout, tok
         n=1, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed
     )
     written = 0
-    for start in range(0, len(todo), config.batch_size):
+    batch_starts = range(0, len(todo), config.batch_size)
+    for start in progress(batch_starts, f"generate {spec}", len(batch_starts)):
         items = todo[start : start + config.batch_size]
         batch = collate_prompts([dataset[i] for i in items], tokenizer.pad_token_id)
         output = engine.generate(batch, sampling)
@@ -157,14 +160,27 @@ def run(config: GenerateConfig) -> str:
     return out_dir
 
 
+USAGE = (
+    "usage: python -m verl.trainer.generate [config=FILE.yaml ...] [key=value ...] [-h]\n"
+    "       vision-sr1-generate ...  (the same, once the package is installed)"
+)
+
+
 def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    handle_help(argv, USAGE, __doc__ or "", GenerateConfig, "GenerateConfig in verl/trainer/generate.py")
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv, GenerateConfig)
+        config = load_config(argv, GenerateConfig)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return run(config)
+
+
+def cli() -> None:
+    """Console entry point `vision-sr1-generate`."""
+    main()
 
 
 if __name__ == "__main__":

@@ -19,11 +19,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from verl.trainer.config import PPOConfig, RunConfig, reward_keys_rule
+from verl.utils.cli_help import handle_help
 from verl.utils.config import ConfigError, load_config, to_dict
 
 logger = logging.getLogger("verl")
 
 CHECK_CONFIG_FLAG = "--check-config"
+USAGE = (
+    "usage: python -m verl.trainer.main [config=FILE.yaml ...] [key.sub=value ...] [--check-config] [-h]\n"
+    "       vision-sr1-train ...  (the same, once the package is installed)"
+)
 
 
 def configure_threads(torch_threads: int | None) -> None:
@@ -47,6 +52,7 @@ def build_trainer(config: PPOConfig):
     data = config.data
     reward_cfg = config.worker.reward
     reward_fn = RewardFunction(reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type)
+    val_reward_fn = build_val_reward(config)
 
     # The driver tokenizes data itself; workers load their own copy of the same files.
     model_cfg = config.worker.actor.model
@@ -82,7 +88,17 @@ def build_trainer(config: PPOConfig):
     worker_kwargs = {"config": config.worker, "need_ref": not config.algorithm.disable_kl, "seed": config.trainer.seed}
     worker_group = build_worker_group(ActorRolloutRefWorker, worker_kwargs, config.trainer)
     logger.info("model parameters: %s", worker_group.init_model())
-    return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn)
+    return PPOTrainer(config, tokenizer, worker_group, train_loader, val_loader, reward_fn, val_reward_fn)
+
+
+def build_val_reward(config: PPOConfig) -> Any:
+    """The reward function scoring validation (`worker.val_reward`), or None to use the training one."""
+    from verl.reward import RewardFunction
+
+    val_cfg = config.worker.val_reward
+    if val_cfg is None:
+        return None
+    return RewardFunction(val_cfg.reward_function, val_cfg.reward_function_kwargs, val_cfg.reward_type)
 
 
 def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, Any]) -> None:
@@ -120,6 +136,10 @@ def check_ppo_config(config: PPOConfig) -> str:
         )
     except RewardFunctionError as exc:
         raise ConfigError(f"config key `worker.reward.reward_function`: {exc}") from None
+    try:
+        build_val_reward(config)
+    except RewardFunctionError as exc:
+        raise ConfigError(f"config key `worker.val_reward.reward_function`: {exc}") from None
     try:
         get_rollout_engine(config.worker.rollout.name)
     except ValueError as exc:
@@ -181,15 +201,23 @@ def run_cli(
     schema_cls: type,
     build: Callable[[Any], Any],
     check: Callable[[Any], str] | None = None,
+    usage: str | None = None,
+    description: str = "",
+    reference_yaml: str = "",
 ) -> dict[str, float]:
     """The command line of a trainer: config from `argv` (exit 2 naming the bad key), threads,
     `build(config).fit()`, and Ray shut down afterwards if this run started it.
 
     With `--check-config` among the arguments: the config is loaded and validated, `check(config)`
     runs the trainer's other model-free checks, the resolved config is printed as JSON on stdout
-    and the summary `check` returns is logged; nothing is trained and nothing is written."""
+    and the summary `check` returns is logged; nothing is trained and nothing is written.
+
+    With `usage`: `-h`/`--help` prints it with `description` and the config reference (exit 0), and
+    no arguments at all print it instead of training (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    if usage is not None:
+        handle_help(argv, usage, description, schema_cls, reference_yaml)
     check_only = CHECK_CONFIG_FLAG in argv
     argv = [arg for arg in argv if arg != CHECK_CONFIG_FLAG]
     try:
@@ -214,7 +242,12 @@ def run_cli(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_cli(argv, PPOConfig, build_trainer, check_ppo_config)
+    return run_cli(argv, PPOConfig, build_trainer, check_ppo_config, USAGE, __doc__ or "", "examples/config.yaml")
+
+
+def cli() -> None:
+    """Console entry point `vision-sr1-train` (its exit status is not the metrics `main` returns)."""
+    main()
 
 
 if __name__ == "__main__":

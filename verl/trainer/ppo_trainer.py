@@ -27,6 +27,7 @@ from verl.trainer.self_reward import SelfRewardStage
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.config import to_dict
 from verl.utils.dataset import PromptLoader
+from verl.utils.progress import progress
 from verl.utils.timer import timer
 from verl.utils.tracking import Tracker
 from verl.workers.contract import ActorRolloutRefGroup
@@ -322,7 +323,7 @@ class PPOTrainer:
         all_scores: list[dict[str, float]] = []
         rows: list[dict[str, Any]] = []
         stage_metrics: dict[str, list[float]] = defaultdict(list)
-        for prompts in self.val_loader.single_pass():
+        for prompts in progress(self.val_loader.single_pass(), "validation", len(self.val_loader)):
             # The self-reward stage groups responses by prompt through uids, as in training.
             prompts.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(prompts))], dtype=object)
             batch = self._generate(prompts, sampling)
@@ -348,8 +349,10 @@ class PPOTrainer:
         metrics.update({f"val/{k}": float(np.mean(v)) for k, v in stage_metrics.items()})
         self.last_val_generations = rows
         if write_generations:
-            os.makedirs(self.checkpoint_root, exist_ok=True)
-            path = os.path.join(self.checkpoint_root, f"generations_step_{self.global_step}.jsonl")
+            path = self.config.trainer.response_path or os.path.join(
+                self.checkpoint_root, f"generations_step_{self.global_step}.jsonl"
+            )
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -34,6 +34,7 @@ from verl.trainer.sft_config import SFTConfig
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.config import to_dict
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
+from verl.utils.progress import progress
 from verl.utils.sft_dataset import ConversationEncoder, SFTDataset, SFTLoader
 from verl.utils.timer import timer
 from verl.utils.tracking import Tracker
@@ -131,7 +132,7 @@ class SFTTrainer:
         metrics: dict[str, float] = {}
         if self.val_loader is not None:
             loss_sum, tokens = 0.0, 0.0
-            for batch in self.val_loader.single_pass():
+            for batch in progress(self.val_loader.single_pass(), "validation loss", len(self.val_loader)):
                 result = self.wg.eval_loss(batch).batch
                 loss_sum += float(result["loss_sum"].sum())
                 tokens += float(result["label_tokens"].sum())
@@ -148,7 +149,7 @@ class SFTTrainer:
         scores: list[dict[str, float]] = []
         rows: list[dict[str, Any]] = []
         lengths: list[float] = []
-        for prompts in self.generation_loader.single_pass():
+        for prompts in progress(self.generation_loader.single_pass(), "generation check", len(self.generation_loader)):
             prompts.meta_info["sampling"] = sampling
             batch = self.wg.generate_sequences(prompts)
             response_mask = batch.batch["response_mask"]
@@ -268,8 +269,19 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
     return SFTTrainer(config, tokenizer, worker_group, train_loader, val_loader, generation_loader, reward_fn)
 
 
+USAGE = (
+    "usage: python -m verl.trainer.sft [config=FILE.yaml ...] [key.sub=value ...] [--check-config] [-h]\n"
+    "       vision-sr1-sft ...  (the same, once the package is installed)"
+)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run_cli(argv, SFTConfig, build_trainer)
+    return run_cli(argv, SFTConfig, build_trainer, None, USAGE, __doc__ or "", "examples/sft_config.yaml")
+
+
+def cli() -> None:
+    """Console entry point `vision-sr1-sft`."""
+    main()
 
 
 if __name__ == "__main__":

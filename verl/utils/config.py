@@ -8,17 +8,106 @@ merge, the rules of the values in the schema's `validate()`, both before any mod
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Collection
-from dataclasses import fields, is_dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A configuration value or combination is invalid; the message names the key and the rule."""
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """How a key of another framework's config (EasyR1, the original Vision-SR1) is read here.
+
+    A schema lists these in a `foreign_keys()` classmethod ({dotted key: ForeignKey}). At load, a
+    key found in a file or on the command line is taken out before the merge and either
+    - rewritten into our keys (`to(value)` returns {our dotted key: value}; nothing for a no-op
+      whose meaning is already our behaviour), when `accepts(value, source)` holds, or
+    - reported, with every other such key of the same load, in one error saying what to use instead.
+    """
+
+    meaning: str
+    """What the key does here (or why it is not available yet): the text of the error and the README table."""
+    to: Callable[[Any], dict[str, Any]] | None = None
+    """Our keys and values it sets; None: not available (every value is reported)."""
+    accepts: Callable[[Any, Any], bool] = lambda value, config: True
+    """Values that mean the same here; also given the whole config as written (every file and the
+    command line merged), for keys whose meaning depends on their siblings."""
+    ignored: bool = False
+    """Accepted and without effect here (logged as a warning naming the key)."""
+    wins: bool = False
+    """What it sets replaces our key's value given beside it (else giving both, differently, is an error)."""
+
+
+def alias(target: str, meaning: str = "") -> ForeignKey:
+    """The same key under our name."""
+    return ForeignKey(meaning or f"same as `{target}`", to=lambda value: {target: value})
+
+
+def no_op(meaning: str, accepts: Callable[[Any, Any], bool] = lambda value, source: True) -> ForeignKey:
+    """Accepted values mean what this code always does; other values are reported as not available."""
+    return ForeignKey(meaning, to=lambda value: {}, accepts=accepts, ignored=True)
+
+
+def not_available(instead: str) -> ForeignKey:
+    """A feature this code does not have (yet): always reported, with what to use instead."""
+    return ForeignKey(instead)
+
+
+def _select(source: Any, key: str) -> tuple[bool, Any]:
+    node = source
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node[part]
+    return True, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _delete(source: Any, key: str) -> None:
+    parent_key, _, last = key.rpartition(".")
+    parent = OmegaConf.select(source, parent_key) if parent_key else source
+    del parent[last]
+
+
+def _read_foreign_keys(
+    source: Any, origin: str, table: dict[str, ForeignKey], problems: list[str], context: Any
+) -> Any:
+    """`source` with every key of `table` taken out and rewritten into ours; keys not available here
+    are appended to `problems` (all of a load are reported together). `context` (every source merged,
+    later ones winning) is what `accepts` sees of the sibling keys."""
+    updates: dict[str, Any] = {}
+    for key, rule in table.items():
+        found, value = _select(source, key)
+        if not found:
+            continue
+        _delete(source, key)
+        if rule.to is None or not rule.accepts(value, context):
+            problems.append(f"  `{key}` ({value!r}, from {origin}): {rule.meaning}")
+            continue
+        if rule.ignored:
+            logger.warning("config key `%s` (%r) is accepted and has no effect here: %s", key, value, rule.meaning)
+        for target, new in rule.to(value).items():
+            if target in updates and updates[target] != new:
+                raise ConfigError(f"config keys from {origin}: `{key}` and another key both set `{target}`")
+            found_target, given = _select(source, target)
+            if found_target and given != new and not rule.wins:
+                raise ConfigError(
+                    f"config key `{key}` from {origin} sets `{target}` to {new!r}, but `{target}` is also "
+                    f"given as {given!r}: keep one of them"
+                )
+            updates[target] = new
+    for target, new in updates.items():
+        OmegaConf.update(source, target, new, force_add=True)
+    return source
 
 
 def require(condition: bool, key: str, rule: str) -> None:
@@ -74,6 +163,21 @@ def load_config(argv: list[str], schema_cls: type) -> Any:
         sources.append((path, OmegaConf.load(path)))
     cli = OmegaConf.from_dotlist(overrides)
     sources.append(("the command line", cli))
+    table = schema_cls.foreign_keys() if hasattr(schema_cls, "foreign_keys") else {}
+    if table:
+        problems: list[str] = []
+        context = OmegaConf.merge(*(source for _, source in sources))
+        # A foreign key set by several sources is read from the last one only (it wins, as ours do).
+        for i, (_, source) in enumerate(sources):
+            for key in table:
+                if _select(source, key)[0] and any(_select(later, key)[0] for _, later in sources[i + 1 :]):
+                    _delete(source, key)
+        sources = [(origin, _read_foreign_keys(source, origin, table, problems, context)) for origin, source in sources]
+        if problems:
+            raise ConfigError(
+                f"{len(problems)} config key(s) of another framework name features not available here:\n"
+                + "\n".join(problems)
+            )
     for origin, source in sources:
         for key in derived:
             if OmegaConf.select(source, key, default=None) is not None:

@@ -2,9 +2,11 @@
 
 Loggers, chosen by name (`trainer.logger`):
 - `console`: one line per step;
-- `file`: JSON lines in `<output_dir>/metrics.jsonl` and `<output_dir>/generations.jsonl`;
+- `file`: JSON lines in `<output_dir>/metrics.jsonl` and `<output_dir>/generations.jsonl`, and at
+  the end the curves in `<output_dir>/reward_curves.png` (verl/utils/plot_metrics.py);
 - `wandb`: a Weights & Biases run (set `WANDB_MODE=offline` to log without an account);
-- `tensorboard`: event files in `<output_dir>/tensorboard`.
+- `tensorboard`: event files in `<output_dir>/tensorboard`;
+- `swanlab`: a SwanLab run (optional package `swanlab`).
 
 On resume (`resume=True`) the file and tensorboard loggers drop what the interrupted run logged at or
 after the first step logged now, so replayed steps appear once. A new backend is a `Logger`
@@ -15,12 +17,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,21 @@ class FileLogger(Logger):
 
     def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
         self._append(self.generations_path, [{"step": step, **row} for row in rows], step)
+
+    def finish(self) -> None:
+        """Draw the run's curves beside metrics.jsonl (reward_curves.png); a failure to draw is
+        logged, never raised: the run itself succeeded."""
+        if not os.path.exists(self.metrics_path):
+            return
+        from verl.utils.plot_metrics import write_curves
+
+        try:
+            out = write_curves(self.run.output_dir)
+        except Exception as error:  # noqa: BLE001 - drawing is a convenience; the metrics are on disk
+            _log.warning("could not draw the curves of %s: %s", self.metrics_path, error)
+            return
+        if out is not None:
+            _log.info("curves: %s", out)
 
     def _append(self, path: str, records: list[dict[str, Any]], step: int) -> None:
         if self._drop_replayed_steps:
@@ -260,3 +280,26 @@ class Tracker:
         """Flush and close every logger (call once, at the end of training)."""
         for logger in self.loggers:
             logger.finish()
+
+
+@register_logger("swanlab")
+class SwanlabLogger(Logger):
+    """A SwanLab run (EasyR1's `swanlab` logger) under `<output_dir>/swanlab`; needs `pip install swanlab`
+    (set `SWANLAB_MODE=local` to log without an account)."""
+
+    def __init__(self, run: RunInfo) -> None:
+        super().__init__(run)
+        self._swanlab = _import_optional("swanlab", "swanlab")
+        logdir = os.path.join(run.output_dir, "swanlab")
+        os.makedirs(logdir, exist_ok=True)  # swanlab wants the folder to exist
+        self._swanlab.init(project=run.project, experiment_name=run.experiment, config=run.config, logdir=logdir)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._swanlab.log(metrics, step=step)
+
+    def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
+        text = "\n\n".join(" | ".join(f"{key}={value!r}" for key, value in row.items()) for row in rows)
+        self._swanlab.log({"generations": self._swanlab.Text(text)}, step=step)
+
+    def finish(self) -> None:
+        self._swanlab.finish()

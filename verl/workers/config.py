@@ -280,8 +280,8 @@ class RefConfig:
 
 @dataclass
 class RewardConfig:
-    reward_type: str = "batch"
-    """batch: one call with every response; sequential: one call per response."""
+    reward_type: str | None = None
+    """batch: one call with every response; sequential: one call per response; null: the file's `REWARD_TYPE` constant, else batch."""
     reward_function: str = "examples/reward_function/digit_sum.py:compute_score"
     """`path/to/file.py:function_name`."""
     reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -292,7 +292,8 @@ class RewardConfig:
         require(
             ":" in self.reward_function, f"{prefix}.reward_function", "must look like path/to/file.py:function_name"
         )
-        require_choice(self.reward_type, REWARD_TYPES, f"{prefix}.reward_type")
+        if self.reward_type is not None:
+            require_choice(self.reward_type, REWARD_TYPES, f"{prefix}.reward_type")
 
 
 @dataclass
@@ -301,12 +302,16 @@ class WorkerConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    val_reward: RewardConfig | None = None
+    """The reward scoring validation (e.g. accuracy only, as the original Vision-SR1's validation.py); null: `reward`."""
 
     def check(self, prefix: str = "worker") -> None:
         self.actor.check(f"{prefix}.actor")
         self.rollout.check(f"{prefix}.rollout")
         self.ref.check(f"{prefix}.ref")
         self.reward.check(f"{prefix}.reward")
+        if self.val_reward is not None:
+            self.val_reward.check(f"{prefix}.val_reward")
 
 
 # --- the SFT worker ------------------------------------------------------------------------------
