@@ -18,7 +18,10 @@ from verl.trainer.generate import (
     resolve_engine,
     run,
 )
-from verl.utils.config import ConfigError
+from verl.trainer.generate import (
+    main as generate_main,
+)
+from verl.utils.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,7 +103,7 @@ def test_without_vllm_auto_falls_back_to_hf_and_says_so(caplog):
     assert "vLLM is not installed: generating with transformers" in caplog.text
 
 
-def over_long_run(tiny_world, tmp_path, engine):
+def over_long_run(tiny_world, tmp_path, engine, **overrides):
     """text_sum's val split with every third question made longer, and max_prompt_length between the
     two lengths. Returns (config, out_dir, how many are too long)."""
     import pyarrow as pa
@@ -122,16 +125,17 @@ def over_long_run(tiny_world, tmp_path, engine):
     limit = max(length for i, length in enumerate(lengths) if i % 3)
     too_long = sum(length > limit for length in lengths)
     assert too_long == len(range(0, 128, 3))
-    config = GenerateConfig(
-        model_path=model,
-        model_name="text",
-        benchmarks=[spec],
-        output_dir=str(tmp_path / "raw"),
-        max_prompt_length=limit,
-        max_new_tokens=4,
-        engine=engine,
-    )
-    return config, Path(run(config)), too_long
+    argv = [
+        f"model_path={model}",
+        "model_name=text",
+        f"benchmarks=[{spec}]",
+        f"output_dir={tmp_path / f'raw_{engine}'}",
+        f"max_prompt_length={limit}",
+        "max_new_tokens=4",
+        f"engine={engine}",
+        *(f"{key}={value}" for key, value in overrides.items()),
+    ]
+    return load_config(argv, GenerateConfig), Path(generate_main(argv)), too_long
 
 
 def test_over_long_prompts_are_counted_per_benchmark_and_shown_in_the_tables(tiny_world, tmp_path):
@@ -156,3 +160,25 @@ def test_over_long_prompts_are_counted_per_benchmark_and_shown_in_the_tables(tin
     assert f"| mixed | {128 - too_long} |" in table and table.split("| mixed |")[1].splitlines()[0].endswith(
         f"| {too_long} |"
     )
+
+
+@pytest.mark.vllm_cpu
+def test_vllm_generation_in_two_engine_processes_matches_hf_and_resumes(tiny_world, tmp_path):
+    """engine=vllm with data_parallel_size=2: two engine processes answer alternate questions, their
+    parts are merged; greedy answers equal the hf engine's; over-long prompts are counted the same;
+    an interrupted file is completed, not redone."""
+    pytest.importorskip("vllm")
+    _, hf_dir, too_long = over_long_run(tiny_world, tmp_path, "hf")
+    config, vllm_dir, _ = over_long_run(tiny_world, tmp_path, "vllm", data_parallel_size=2)
+    assert not list(vllm_dir.glob("*.part*"))  # merged
+    hf_rows = {r["id"]: r["response"] for r in map(json.loads, (hf_dir / "mixed.jsonl").read_text().splitlines())}
+    lines = (vllm_dir / "mixed.jsonl").read_text().splitlines()
+    vllm_rows = {r["id"]: r["response"] for r in map(json.loads, lines)}
+    assert len(lines) == len(vllm_rows) == 128 - too_long
+    assert vllm_rows == hf_rows
+    summary = json.loads((vllm_dir / SUMMARY_FILE).read_text())["mixed"]
+    assert summary["too_long"] == too_long and summary["answered"] == 128 - too_long
+    (vllm_dir / "mixed.jsonl").write_text("\n".join(lines[:30]) + "\n" + lines[30][:10])  # interrupted
+    over_long_run(tiny_world, tmp_path, "vllm", data_parallel_size=2)
+    resumed = [json.loads(line) for line in (vllm_dir / "mixed.jsonl").read_text().splitlines()]
+    assert len(resumed) == 128 - too_long and {r["id"]: r["response"] for r in resumed} == hf_rows
