@@ -134,6 +134,13 @@ class VLLMGenerator:
         self.eos_token_ids = eos_token_ids(holder, tokenizer)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         max_model_len = config.max_prompt_length + config.max_new_tokens
+        positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+        if positions is not None and max_model_len > positions:
+            raise ConfigError(
+                f"config key `max_prompt_length`: max_prompt_length + max_new_tokens = {max_model_len} exceeds the "
+                f"model's max_position_embeddings = {positions}; lower max_prompt_length (longer prompts are counted "
+                "as too long, not answered)"
+            )
         args: dict[str, Any] = {
             "model": model_path,
             "dtype": dtype,
@@ -143,8 +150,9 @@ class VLLMGenerator:
             "enable_prefix_caching": False,
         }
         if device.type == "cpu":
-            # vLLM on CPU reads gpu_memory_utilization as a share of host RAM; size the cache instead.
-            args["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, dtype, max_model_len)
+            # vLLM on CPU reads gpu_memory_utilization as a share of host RAM; size the cache instead:
+            # room for one batch step of vLLM's default 8192 tokens, or one whole sequence.
+            args["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, dtype, max(max_model_len, 8192))
             args["enforce_eager"] = True
         if processor is not None:
             args["mm_processor_kwargs"] = {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels}
