@@ -182,3 +182,23 @@ def test_vllm_generation_in_two_engine_processes_matches_hf_and_resumes(tiny_wor
     over_long_run(tiny_world, tmp_path, "vllm", data_parallel_size=2)
     resumed = [json.loads(line) for line in (vllm_dir / "mixed.jsonl").read_text().splitlines()]
     assert len(resumed) == 128 - too_long and {r["id"]: r["response"] for r in resumed} == hf_rows
+
+
+def test_engine_process_parts_merge_once_each_after_a_crash(tmp_path):
+    """An interrupted multi-GPU run leaves `<benchmark>.jsonl.part<i>` files with torn last lines;
+    the next run's merge keeps every finished id exactly once and removes the parts."""
+    from verl.trainer.generate import merge_parts, part_files
+
+    def row(i):
+        return json.dumps({"id": str(i), "response": f"r{i}"})
+
+    path = tmp_path / "bench.jsonl"
+    path.write_text(row(1) + "\n" + row(2) + "\n" + row(9)[:7])
+    (tmp_path / "bench.jsonl.part0").write_text(row(3) + "\n" + row(4) + "\n" + row(8)[:5])
+    (tmp_path / "bench.jsonl.part1").write_text(row(2) + "\n" + row(5) + "\n")
+    (tmp_path / "bench.jsonl.partial").write_text("not a part\n")  # not an engine process's file
+    assert part_files(str(path)) == [str(tmp_path / "bench.jsonl.part0"), str(tmp_path / "bench.jsonl.part1")]
+    merge_parts(str(path))
+    ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    assert ids == ["1", "2", "3", "4", "5"]
+    assert part_files(str(path)) == [] and (tmp_path / "bench.jsonl.partial").exists()

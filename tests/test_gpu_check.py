@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a full trainer --check-config in a fresh process: 165 s on two shared cores
 def test_dry_run_checks_the_shipped_scripts_exact_command(tiny_world):
     result = subprocess.run(
         [sys.executable, "scripts/gpu_check.py", "--dry-run", "--world", str(tiny_world)],

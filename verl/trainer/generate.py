@@ -239,6 +239,25 @@ def part_path(path: str, shard: int) -> str:
     return f"{path}.part{shard}"
 
 
+def read_ids(path: str) -> set[str]:
+    """Ids in a generation file, without changing it (unreadable lines skipped)."""
+    if not os.path.isfile(path):
+        return set()
+    done = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                done.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def part_files(path: str) -> list[str]:
+    """The engine processes' `<benchmark>.jsonl.part<i>` files of one benchmark."""
+    return sorted(part for part in glob.glob(glob.escape(path) + ".part*") if part.rsplit(".part", 1)[1].isdigit())
+
+
 def finished_ids(path: str) -> set[str]:
     """Ids already written (a torn last line from a crash is ignored and rewritten)."""
     if not os.path.isfile(path):
@@ -264,10 +283,14 @@ def generate_benchmark(config: GenerateConfig, spec: str, engine, tokenizer, pro
     dataset = benchmark_dataset(config, spec, tokenizer, processor)
     name = benchmark_name(spec)
     path = os.path.join(out_dir, f"{name}.jsonl")
-    done = finished_ids(path)
-    for part in glob.glob(glob.escape(path) + ".part*"):
-        done |= finished_ids(part)
-    write_to = path if config.num_shards == 1 else part_path(path, config.shard_index)
+    if config.num_shards == 1:
+        done = finished_ids(path)
+        write_to = path
+    else:
+        # An engine process: the launcher merged earlier parts and repaired the file before starting
+        # it, and the other processes write their own parts, so it only reads.
+        done = read_ids(path)
+        write_to = part_path(path, config.shard_index)
 
     def question_id(item: int) -> str:
         row = dataset.rows[dataset.indices[item]]
@@ -307,9 +330,12 @@ def generate_benchmark(config: GenerateConfig, spec: str, engine, tokenizer, pro
 
 
 def merge_parts(path: str) -> None:
-    """Append the engine processes' answers to the benchmark's file (each id once), then drop the parts."""
+    """Append the engine processes' answers to the benchmark's file (each id once), then drop the parts.
+
+    Runs in the launching process only, before engine processes start and after they finish.
+    """
     done = finished_ids(path)
-    parts = sorted(glob.glob(glob.escape(path) + ".part*"))
+    parts = part_files(path)
     with open(path, "a", encoding="utf-8") as out:
         for part in parts:
             finished_ids(part)  # drops a torn last line
@@ -380,6 +406,10 @@ def run(config: GenerateConfig, argv: list[str] | None = None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     engine_name = resolve_engine(config.engine)
     shards = config.data_parallel_size or visible_gpus()
+    if config.num_shards == 1:
+        # Answers an interrupted multi-process run left in parts count as done from here on.
+        for spec in config.benchmarks:
+            merge_parts(os.path.join(out_dir, f"{benchmark_name(spec)}.jsonl"))
     if engine_name == "vllm" and config.num_shards == 1 and shards > 1:
         launch_shards(config, list(argv or []), shards)
         tokenizer, processor = load_tokenizer_and_processor(config.model_path)
