@@ -14,6 +14,7 @@ run picks up where it stopped.
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,7 +32,14 @@ from judge import (
     parse_verdict,
 )
 from rule_grading import rule_grade
-from schema import JUDGE_CACHE_FILE, RowError, is_multiple_choice, load_generations, load_graded
+from schema import (
+    GENERATION_SUMMARY_FILE,
+    JUDGE_CACHE_FILE,
+    RowError,
+    is_multiple_choice,
+    load_generations,
+    load_graded,
+)
 
 from verl.utils.progress import progress
 
@@ -143,6 +151,11 @@ def grade_dir(input_dir: Path, output_dir: Path, judge: Judge | None, concurrenc
     if not input_paths:
         raise FileNotFoundError(f"no <benchmark>.jsonl generation files in {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The generation step's counts of questions it could not answer (prompt too long) go with the
+    # graded rows, so the result tables can show them.
+    summary = input_dir / GENERATION_SUMMARY_FILE
+    if summary.is_file():
+        shutil.copyfile(summary, output_dir / GENERATION_SUMMARY_FILE)
     cache = JudgeCache(output_dir / JUDGE_CACHE_FILE) if judge is not None else None
     results = {}
     for input_path in input_paths:

@@ -9,6 +9,7 @@ Each graded folder is one model (named after the folder). Writes `results.md`, `
 
 import argparse
 import csv
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
-from schema import JUDGE_CACHE_FILE, load_graded  # noqa: E402
+from schema import GENERATION_SUMMARY_FILE, JUDGE_CACHE_FILE, load_graded  # noqa: E402
 
 # Aggregate name -> member benchmarks (spelled as the generation step names the files). Its
 # accuracy pools the members' rows, i.e. weights each member by its row count. In the overall
@@ -28,7 +29,16 @@ WEIGHTED_AGGREGATES: dict[str, tuple[str, ...]] = {
     "MMMU-Pro (weighted)": ("mmmu-pro-4", "mmmu-pro-10", "mmmu-pro-vision"),
 }
 OVERALL = "Overall (mean)"
-CSV_COLUMNS = ("model", "benchmark", "n", "rule_accuracy", "rule_judge_accuracy", "unparsed", "errors")
+CSV_COLUMNS = (
+    "model",
+    "benchmark",
+    "n",
+    "rule_accuracy",
+    "rule_judge_accuracy",
+    "unparsed",
+    "errors",
+    "too_long",
+)
 
 
 @dataclass
@@ -40,6 +50,8 @@ class Counts:
     final_correct: int = 0
     unparsed: int = 0
     errors: int = 0
+    too_long: int = 0
+    """Questions not answered (prompt over the generation's max_prompt_length): not in n, not scored."""
 
     def add(self, other: "Counts") -> None:
         self.n += other.n
@@ -47,6 +59,7 @@ class Counts:
         self.final_correct += other.final_correct
         self.unparsed += other.unparsed
         self.errors += other.errors
+        self.too_long += other.too_long
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class TableRow:
     final_accuracy: float
     unparsed: int
     errors: int
+    too_long: int = 0
 
     @classmethod
     def from_counts(cls, name: str, counts: Counts) -> "TableRow":
@@ -69,6 +83,7 @@ class TableRow:
             100.0 * counts.final_correct / counts.n,
             counts.unparsed,
             counts.errors,
+            counts.too_long,
         )
 
 
@@ -94,7 +109,14 @@ def load_model_counts(graded_dir: Path) -> dict[str, Counts]:
     paths = sorted(path for path in Path(graded_dir).glob("*.jsonl") if path.name != JUDGE_CACHE_FILE)
     if not paths:
         raise FileNotFoundError(f"no graded <benchmark>.jsonl files in {graded_dir} (run LLM_eval.py first)")
-    return count_by_benchmark([row for path in paths for row in load_graded(path)])
+    counts = count_by_benchmark([row for path in paths for row in load_graded(path)])
+    summary_path = Path(graded_dir) / GENERATION_SUMMARY_FILE
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        for name, entry in summary.items():
+            if name in counts:
+                counts[name].too_long = int(entry.get("too_long", 0))
+    return counts
 
 
 def table_rows(counts: dict[str, Counts]) -> list[TableRow]:
@@ -125,6 +147,7 @@ def table_rows(counts: dict[str, Counts]) -> list[TableRow]:
             sum(row.final_accuracy for row in averaged) / len(averaged),
             total.unparsed,
             total.errors,
+            total.too_long,
         )
     )
     return rows
@@ -137,13 +160,15 @@ def render_markdown(tables: dict[str, list[TableRow]]) -> str:
         "",
         "rules: rule-based grading only. rules + judge: a row is also correct when the judge said CORRECT.",
         "unparsed / errors: judge replies that were not a verdict / judge requests that failed (both count as wrong).",
+        "too long: questions not answered because their prompt exceeded the generation's max_prompt_length "
+        "(not in n; accuracy is over the n answered).",
     ]
     for model, rows in tables.items():
-        lines += ["", f"## {model}", "", "| benchmark | n | rules | rules + judge | unparsed | errors |"]
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines += ["", f"## {model}", "", "| benchmark | n | rules | rules + judge | unparsed | errors | too long |"]
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for row in rows:
             lines.append(
-                f"| {row.name} | {row.n} | {row.rule_accuracy:.1f} | {row.final_accuracy:.1f} | {row.unparsed} | {row.errors} |"
+                f"| {row.name} | {row.n} | {row.rule_accuracy:.1f} | {row.final_accuracy:.1f} | {row.unparsed} | {row.errors} | {row.too_long} |"
             )
     if len(tables) > 1:
         names = _row_names(tables)
@@ -173,6 +198,7 @@ def write_csv(tables: dict[str, list[TableRow]], path: Path) -> None:
                         f"{row.final_accuracy:.2f}",
                         row.unparsed,
                         row.errors,
+                        row.too_long,
                     ]
                 )
 

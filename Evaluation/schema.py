@@ -28,6 +28,9 @@ from typing import Any
 JUDGE_VERDICTS = ("correct", "incorrect", "unparsed", "error", "skipped")
 QUESTION_TYPES = ("multiple_choice", "free_form")
 JUDGE_CACHE_FILE = "judge_cache.jsonl"
+# Written by verl.trainer.generate beside the generations: per benchmark, the questions it did not
+# answer because their prompt exceeded max_prompt_length ("too_long").
+GENERATION_SUMMARY_FILE = "generation_summary.json"
 
 _GENERATION_FIELDS: dict[str, tuple[type, ...]] = {
     "id": (str, int),

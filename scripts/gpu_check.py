@@ -4,10 +4,17 @@
    the vllm engine where vLLM is installed; median seconds per stage (scripts/benchmark_grpo.py).
 2. A random-init model of Qwen2.5-VL-3B's shape in bf16, through the real worker (FSDP2, gradient
    checkpointing, AdamW): the hf engine's tokens/s, then the time and MFU of one actor update.
+3. The shipped GPU script itself (`bash train_examples/2-3b_selfReward_train.sh`, its own settings:
+   vLLM rollout with sleep mode, weight sync, self-reward stage, KL with the offloaded reference)
+   for 2 GRPO steps on a random-init model of the same 3B shape and the tiny world's image data.
+   Scaled down only where one GPU and a short check force it: 1 GPU, the batch sizes and the
+   response length (flags below). It answers: does the shipped script start, sync weights into
+   vLLM, sleep and wake, and step; its metrics rows are printed.
 
-    python scripts/gpu_check.py                     # both parts, a few minutes on an H100
-    python scripts/gpu_check.py --skip-3b           # part 1 only
-    python scripts/gpu_check.py --device cpu --shape small --steps 2 --batch 4 --prompt-len 32 --new-tokens 16   # CPU smoke run
+    python scripts/gpu_check.py                     # all parts, several minutes on an H100
+    python scripts/gpu_check.py --skip-3b --skip-script   # part 1 only
+    python scripts/gpu_check.py --dry-run           # part 3's exact command through the script's own --check-config (no GPU)
+    python scripts/gpu_check.py --device cpu --shape small --steps 2 --batch 4 --prompt-len 32 --new-tokens 16 --skip-script   # CPU smoke run
 
 Needs the packages the trainer imports (requirements.txt); vllm, ray and flash-attn are optional.
 """
@@ -19,7 +26,9 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -246,13 +255,96 @@ def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_
             print(f"peak GPU memory during the update: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
+# --- part 3: the shipped GPU script, 2 steps ------------------------------------------------------
+SHIPPED_SCRIPT = "train_examples/2-3b_selfReward_train.sh"
+
+
+def script_run(world: Path, model_path: Path, save_dir: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The command and environment for 2 steps of the shipped script; every change from its own
+    settings is an environment variable or override listed here, each with its reason."""
+    env = {
+        "PYTHON": sys.executable,
+        "MODEL_PATH": str(model_path),  # random-init, the 3B model's shape (no download on the device)
+        "TRAIN_FILES": str(world / "data/digit_sum/train.parquet"),  # local image data (no download)
+        "VAL_FILES": str(world / "data/digit_sum/val.parquet"),
+        "N_GPUS_PER_NODE": "1",  # one GPU here
+        "ROLLOUT_BATCH_SIZE": str(args.script_batch),  # 512 x 8 samples would take an hour per step
+        "GLOBAL_BATCH_SIZE": str(args.script_batch),
+        "VAL_BATCH_SIZE": str(args.script_batch),
+        "MAX_RESPONSE_LENGTH": str(args.script_response_length),  # a random model never stops: full length
+        "SAVE_DIR": str(save_dir),
+    }
+    overrides = [
+        "trainer.max_steps=2",
+        "trainer.val_freq=-1",  # validation before training runs once (val_before_train, as shipped)
+        "trainer.save_freq=2",  # the second step saves: the checkpoint path runs too
+    ]
+    return ["bash", SHIPPED_SCRIPT, *overrides], env
+
+
+def shipped_script_steps(world: Path, device: str, args: argparse.Namespace) -> None:
+    shape = QWEN25_VL_3B if args.shape == "3b" else SMALL
+    section(f"{SHIPPED_SCRIPT}: 2 GRPO steps, its own settings, a random-init {args.shape}-shaped model")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, save_dir = Path(tmp) / "model", Path(tmp) / "checkpoints"
+        if args.dry_run:
+            model_path.mkdir()
+        else:
+            write_random_model(world, shape, "cpu", model_path)
+        command, env = script_run(world, model_path, save_dir, args)
+        if args.dry_run:
+            command.append("--check-config")
+        print("env: " + " ".join(f"{key}={value}" for key, value in env.items()))
+        print("command: " + " ".join(command))
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            print(f"FAILED (exit {result.returncode}) after {seconds:.0f} s; the end of its stderr:")
+            print(result.stderr[-6000:])
+            return
+        if args.dry_run:
+            config = json.loads(result.stdout)
+            rollout = config["worker"]["rollout"]
+            print(
+                f"config OK in {seconds:.1f} s: rollout {rollout['name']}, n={rollout['n']}, "
+                f"tp={rollout['tensor_parallel_size']}, max_num_batched_tokens={rollout['max_num_batched_tokens']}, "
+                f"prompt+response={rollout['prompt_length']}+{rollout['response_length']}, "
+                f"ref offload={config['worker']['ref']['offload']['offload_params']}"
+            )
+            return
+        metrics_files = sorted(save_dir.rglob("metrics.jsonl"))
+        rows = [json.loads(line) for f in metrics_files for line in f.read_text().splitlines()]
+        steps = [row for row in rows if "timing_s/gen" in row]
+        print(f"finished in {seconds:.0f} s; {len(steps)} training steps logged (expected 2)")
+        keys = ("reward/overall", "actor/grad_norm", "actor/kl_loss", "timing_s/gen", "timing_s/update_actor")
+        for row in steps:
+            print("  " + ", ".join(f"{key}={row[key]:.4g}" for key in keys if key in row))
+        print(f"checkpoint written: {any(save_dir.rglob('trainer_state.json'))}")
+        lines = [line for line in result.stderr.splitlines() if "sleep" in line.lower() or "wake" in line.lower()]
+        print(
+            "vLLM sleep/wake log lines (its GPU worker logs the memory each sleep frees): "
+            + (" | ".join(lines[-4:]) if lines else "none")
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--world", type=Path, default=ROOT / "tiny_world", help="built tiny world (built if missing)")
     parser.add_argument("--steps", type=int, default=5, help="GRPO steps per engine on the tiny world")
     parser.add_argument("--engines", default="hf,vllm", help="comma-separated rollout engines for part 1")
-    parser.add_argument("--skip-3b", action="store_true", help="only part 1")
+    parser.add_argument("--skip-3b", action="store_true", help="skip part 2")
+    parser.add_argument("--skip-script", action="store_true", help="skip part 3 (the shipped GPU script)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="part 3 only, through the script's --check-config: the exact settings, no GPU, model or data",
+    )
+    parser.add_argument("--script-batch", type=int, default=16, help="part 3: prompts per step (shipped: 512)")
+    parser.add_argument(
+        "--script-response-length", type=int, default=512, help="part 3: response tokens (shipped: 2048)"
+    )
     parser.add_argument(
         "--shape", default="3b", choices=["3b", "small"], help="part 2 model shape (small: CPU smoke run)"
     )
@@ -261,6 +353,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     args = parser.parse_args()
 
+    if args.dry_run:
+        shipped_script_steps(args.world, args.device, args)
+        return
     missing = missing_modules()
     if missing:
         raise SystemExit(f"gpu_check: missing Python packages {missing}; install requirements.txt's pins first")
@@ -282,6 +377,8 @@ def main() -> None:
     tiny_world_stages(args.world, args.device, args.steps, [e for e in args.engines.split(",") if e])
     if not args.skip_3b:
         three_b_shape(args.world, args.device, args.shape, args.batch, args.prompt_len, args.new_tokens)
+    if not args.skip_script:
+        shipped_script_steps(args.world, args.device, args)
     print(f"\ngpu_check: done in {time.perf_counter() - start:.0f} s")
 
 

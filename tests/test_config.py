@@ -49,6 +49,11 @@ def test_derived_fields_follow_their_source():
         (["worker.rollout.n=1"], r"`worker\.rollout\.n`.*group"),
         (["trainer.logger=[console,mlflow]"], r"`trainer\.logger`.*mlflow"),
         (["trainer.n_gpus_per_node=2", "trainer.backend=local"], r"`trainer\.backend`"),
+        (
+            ["worker.rollout.name=vllm", "worker.rollout.tensor_parallel_size=4", "trainer.n_gpus_per_node=2"],
+            r"`worker\.rollout\.tensor_parallel_size`.*divide the number of workers.*= 2",
+        ),
+        (["worker.rollout.tensor_parallel_size=2"], r"`worker\.rollout\.tensor_parallel_size`.*only the vllm engine"),
         (["trainer.worker_call_timeout_s=0"], r"`trainer\.worker_call_timeout_s`.*positive"),
         (["data.format_prompt=/no/such/file.jinja"], r"`data\.format_prompt`.*not found"),
         (["worker.reward.reward_function=reward.py"], r"`worker\.reward\.reward_function`"),

@@ -399,6 +399,8 @@ def write_graded_model(folder: Path) -> None:
 def test_tables_by_hand(tmp_path, capsys):
     write_graded_model(tmp_path / "model-a")
     write_jsonl(tmp_path / "model-b" / "mathvista.jsonl", [graded_row(1, "mathvista", False, "error")])
+    # The generation step could not answer 2 mathvista questions of model-a (prompts too long).
+    (tmp_path / "model-a" / "generation_summary.json").write_text(json.dumps({"mathvista": {"too_long": 2}}))
     out_dir = tmp_path / "tables"
     argv = [
         "--graded_dir",
@@ -413,21 +415,22 @@ def test_tables_by_hand(tmp_path, capsys):
     with open(out_dir / "results.csv", newline="") as file:
         table = {(row["model"], row["benchmark"]): row for row in csv.DictReader(file)}
     expected = {
-        # model, benchmark: n, rules %, rules + judge %, unparsed, errors
-        ("model-a", "mathvista"): ("4", "25.00", "75.00", "1", "0"),
-        ("model-a", "mmmu-pro-4"): ("2", "50.00", "50.00", "0", "0"),
-        ("model-a", "mmmu-pro-10"): ("3", "100.00", "100.00", "0", "0"),
+        # model, benchmark: n, rules %, rules + judge %, unparsed, errors, too long (not answered)
+        ("model-a", "mathvista"): ("4", "25.00", "75.00", "1", "0", "2"),
+        ("model-a", "mmmu-pro-4"): ("2", "50.00", "50.00", "0", "0", "0"),
+        ("model-a", "mmmu-pro-10"): ("3", "100.00", "100.00", "0", "0", "0"),
         # pooled (1+3)/(2+3), not the plain mean 75
-        ("model-a", "MMMU-Pro (weighted)"): ("5", "80.00", "80.00", "0", "0"),
+        ("model-a", "MMMU-Pro (weighted)"): ("5", "80.00", "80.00", "0", "0", "0"),
         # mean of mathvista and the weighted aggregate: (25+80)/2, (75+80)/2
-        ("model-a", "Overall (mean)"): ("9", "52.50", "77.50", "1", "0"),
-        ("model-b", "mathvista"): ("1", "0.00", "0.00", "0", "1"),
-        ("model-b", "Overall (mean)"): ("1", "0.00", "0.00", "0", "1"),
+        ("model-a", "Overall (mean)"): ("9", "52.50", "77.50", "1", "0", "2"),
+        ("model-b", "mathvista"): ("1", "0.00", "0.00", "0", "1", "0"),
+        ("model-b", "Overall (mean)"): ("1", "0.00", "0.00", "0", "1", "0"),
     }
     assert {key: tuple(row[c] for c in eval_tables.CSV_COLUMNS[2:]) for key, row in table.items()} == expected
 
     markdown = (out_dir / "results.md").read_text()
-    assert "| MMMU-Pro (weighted) | 5 | 80.0 | 80.0 | 0 | 0 |" in markdown
+    assert "| MMMU-Pro (weighted) | 5 | 80.0 | 80.0 | 0 | 0 | 0 |" in markdown
+    assert "| mathvista | 4 | 25.0 | 75.0 | 1 | 0 | 2 |" in markdown
     assert "| mathvista | 75.0 | 0.0 |" in markdown  # the comparison table, models in argument order
     assert markdown in capsys.readouterr().out
     with Image.open(out_dir / "results.png") as image:

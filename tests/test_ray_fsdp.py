@@ -83,7 +83,7 @@ def test_register_marks_the_methods_a_group_may_call():
         registered_methods(ActorRolloutRefWorker).items()
         >= {
             "init_model": Dispatch.ONE_TO_ALL,
-            "generate_sequences": Dispatch.DP_COMPUTE,
+            "generate_sequences": Dispatch.TP_GROUP_COMPUTE,
             "compute_log_probs": Dispatch.DP_COMPUTE,
             "compute_ref_log_probs": Dispatch.DP_COMPUTE,
             "update_actor": Dispatch.DP_COMPUTE,
@@ -355,3 +355,29 @@ def _wait_for_training(driver: subprocess.Popen, log_path: Path, deadline: float
         assert driver.poll() is None, f"the run ended before training began:\n{text[-3000:]}"
         time.sleep(0.5)
     raise AssertionError(f"training did not begin in time:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.slow  # four Ray workers: over a minute on two shared cores
+def test_ray_group_dispatches_over_tensor_parallel_groups(ray_cluster):
+    class RankEcho:  # defined here so Ray pickles it by value (the test module is not importable there)
+        """Answers with the rows it got, tagged with its rank; states groups of two ranks."""
+
+        dispatch_tp_size = 2
+
+        def __init__(self) -> None:
+            self.rank = int(os.environ["RANK"])
+
+        @register(Dispatch.TP_GROUP_COMPUTE)
+        def echo(self, data: DataProto) -> DataProto:
+            data.batch["rank"] = torch.full((len(data),), self.rank)
+            return data
+
+    pool = ResourcePool(nnodes=1, workers_per_node=4, use_gpu=False, cpus_per_worker=0.5)
+    group = RayWorkerGroup(pool, RankEcho, {}, torch_threads=1)
+    try:
+        assert group.tp_size == 2
+        merged = group.echo(batch_with_lengths([4, 1, 3, 2, 5, 6]))
+        assert merged.batch["row"].tolist() == [0, 1, 2, 3, 4, 5]
+        assert set(merged.batch["rank"].tolist()) == {0, 2}  # one answer per group, from its first rank
+    finally:
+        group.shutdown()

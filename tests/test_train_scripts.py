@@ -300,7 +300,6 @@ def test_gpu_script_rollout_settings_pass_vllms_engine_checks(script, long_conte
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"TENSOR_PARALLEL_SIZE": "2"}, r"tensor_parallel_size=2: .* only 1 is supported"),  # the engine's rule
         # vLLM's SchedulerConfig: without chunked prefill a whole sequence must fit one step.
         (
             {"MAX_NUM_BATCHED_TOKENS": "8192"},

@@ -299,3 +299,36 @@ def test_grpo_run_with_the_vllm_engine_learns(tiny_world, tmp_path):
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert start < 0.1, rewards
     assert end > 0.5 and end > 5 * start, rewards
+
+
+@pytest.mark.vllm_cpu
+@needs_vllm
+def test_tensor_parallel_two_ranks_share_one_engine(tiny_world, tmp_path):
+    """Two processes (gloo), one vLLM engine with tensor_parallel_size=2 on vLLM's external launcher:
+    both ranks sample the same tokens, equal to the hf engine's greedy tokens on the same weights
+    (so every weight shard landed on its rank)."""
+    from verl.utils.network import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, str(ROOT / "tests/vllm_tp_rank.py"), str(tiny_world), str(tmp_path)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for rank, proc in enumerate(procs):
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"rank {rank}:\n{output[-4000:]}"
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert all(r["engine_tp"] == 2 for r in ranks)
+    assert torch.equal(ranks[0]["vllm"], ranks[1]["vllm"])
+    assert torch.equal(ranks[0]["vllm"], ranks[0]["hf"])
+    assert ranks[0]["mask"].sum() > 0

@@ -35,7 +35,7 @@ esac
 MICRO_BATCH_EXPERIENCE=${MICRO_BATCH_EXPERIENCE:-$micro_experience}
 
 # Where a value differs from the original, or needs a word, one line says why:
-# TENSOR_PARALLEL_SIZE 1, not the original's 2: TP>1 needs the tensor-parallel rollout (one 1-GPU engine per worker).
+# TENSOR_PARALLEL_SIZE 1, not the original's 2: TP 2 (two workers per engine) is checked on CPU only so far; set it to 2 for the original's.
 # MAX_MODEL_LEN null (prompt + response = 14848), not the original's 8192: vLLM refuses 8192..12800-token prompts.
 # MAX_NUM_BATCHED_TOKENS 15000 as the original: without chunked prefill vLLM needs it >= max_model_len.
 # worker.ref.offload.offload_params: the original's FSDP CPU offload of the reference model.

@@ -7,6 +7,11 @@ A worker class marks each method the controller may call with `@register(Dispatc
 - `DP_COMPUTE`: the one `DataProto` argument is shared out over the data-parallel ranks (balanced by
   token count) and the ranks' outputs are put back together in the caller's row order.
 - `RANK_ZERO`: only rank 0 runs it (work that must happen once and needs no collective).
+- `TP_GROUP_COMPUTE`: like `DP_COMPUTE`, but over groups of `tp_size` consecutive ranks that share
+  one tensor-parallel engine (SPMD, as vLLM's external launcher runs it): the batch is shared out
+  over the groups, every rank of a group receives its group's rows, and each group's answer is
+  taken once (from its first rank). A worker states its group size in the attribute named by
+  `TP_SIZE_ATTR`; without it the groups have one rank and this is `DP_COMPUTE`.
 
 The in-process group ignores the marks (one worker gets everything); the Ray group follows them.
 """
@@ -25,6 +30,8 @@ from verl.protocol import DataProto
 from verl.utils.seqlen_balancing import balanced_dp_order
 
 DISPATCH_ATTR = "_dispatch_mode"
+TP_SIZE_ATTR = "dispatch_tp_size"
+"""Worker attribute: ranks per tensor-parallel group for `TP_GROUP_COMPUTE` (default 1)."""
 Method = TypeVar("Method", bound=Callable)
 
 
@@ -32,6 +39,7 @@ class Dispatch(Enum):
     ONE_TO_ALL = "one_to_all"
     DP_COMPUTE = "dp_compute"
     RANK_ZERO = "rank_zero"
+    TP_GROUP_COMPUTE = "tp_group_compute"
 
 
 def register(dispatch_mode: Dispatch) -> Callable[[Method], Method]:
@@ -101,3 +109,37 @@ def merge_from_dp(outputs: list[DataProto], split: DataParallelSplit) -> DataPro
     position = np.argsort(split.order)  # where each original row went
     rows = (position[:, None] * per_row + np.arange(per_row)).reshape(-1)
     return merged[rows].unpad(split.pad_size * per_row)
+
+
+def check_tp_size(world_size: int, tp_size: int) -> None:
+    if tp_size < 1 or world_size % tp_size:
+        raise ValueError(
+            f"tensor-parallel groups of {tp_size} ranks do not divide {world_size} workers "
+            "(worker.rollout.tensor_parallel_size must divide the number of workers)"
+        )
+
+
+def split_by_tp_groups(data: DataProto, world_size: int, tp_size: int) -> tuple[list[DataProto], DataParallelSplit]:
+    """One shard per rank: the batch split over the `world_size // tp_size` groups (as `split_by_dp`
+    over that many ranks), each group's shard given to every one of its `tp_size` consecutive ranks.
+
+    vLLM's tensor-parallel ranks run the same schedule in lockstep, so they must see identical
+    prompts (and seeds, which follow the row order).
+    """
+    check_tp_size(world_size, tp_size)
+    group_shards, split = split_by_dp(data, world_size // tp_size)
+    return [group_shards[rank // tp_size] for rank in range(world_size)], split
+
+
+def merge_from_tp_groups(outputs: list[DataProto], split: DataParallelSplit, tp_size: int) -> DataProto:
+    """The groups' outputs (taken from each group's first rank) put back in the caller's row order."""
+    check_tp_size(len(outputs), tp_size)
+    leaders = outputs[::tp_size]
+    for group, leader in enumerate(leaders):
+        for rank in range(group * tp_size + 1, (group + 1) * tp_size):
+            if len(outputs[rank]) != len(leader):
+                raise ValueError(
+                    f"merge_from_tp_groups: rank {rank} returned {len(outputs[rank])} rows, its group's first rank "
+                    f"{group * tp_size} returned {len(leader)}; the ranks of a tensor-parallel group must agree"
+                )
+    return merge_from_dp(leaders, split)

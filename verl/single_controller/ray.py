@@ -21,7 +21,16 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from verl.protocol import DataProto
-from verl.single_controller.dispatch import Dispatch, merge_from_dp, registered_methods, split_by_dp
+from verl.single_controller.dispatch import (
+    TP_SIZE_ATTR,
+    Dispatch,
+    check_tp_size,
+    merge_from_dp,
+    merge_from_tp_groups,
+    registered_methods,
+    split_by_dp,
+    split_by_tp_groups,
+)
 from verl.utils.network import free_port
 
 logger = logging.getLogger(__name__)
@@ -138,6 +147,7 @@ class WorkerHost:
             MASTER_PORT=str(master[1]),
         )
         self.worker = worker_cls(**kwargs)
+        return int(getattr(self.worker, TP_SIZE_ATTR, 1))
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         return getattr(self.worker, method)(*args, **kwargs)
@@ -186,7 +196,11 @@ class RayWorkerGroup:
             host.start.remote(rank, self.world_size, master, worker_cls, worker_kwargs)
             for rank, host in enumerate(self.hosts)
         ]
-        self._gather(starts, f"{self.worker_name}.__init__", setup_timeout_s)
+        tp_sizes = self._gather(starts, f"{self.worker_name}.__init__", setup_timeout_s)
+        if len(set(tp_sizes)) != 1:
+            raise ValueError(f"{self.worker_name}: the workers state different tensor-parallel sizes {tp_sizes}")
+        self.tp_size = tp_sizes[0]
+        check_tp_size(self.world_size, self.tp_size)
         for rank, who in enumerate(self.identities):
             logger.info("worker rank %d: pid %d on node %s", rank, who["pid"], who["node"])
 
@@ -212,6 +226,10 @@ class RayWorkerGroup:
         data = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(data, DataProto):
             raise TypeError(f"`{method}` dispatches by data-parallel rank: call it with one DataProto argument")
+        if mode is Dispatch.TP_GROUP_COMPUTE:
+            shards, split = split_by_tp_groups(data, self.world_size, self.tp_size)
+            refs = [host.call.remote(method, (shard,), {}) for host, shard in zip(self.hosts, shards)]
+            return merge_from_tp_groups(self._gather(refs, method, self.call_timeout_s), split, self.tp_size)
         shards, split = split_by_dp(data, self.world_size)
         refs = [host.call.remote(method, (shard,), {}) for host, shard in zip(self.hosts, shards)]
         return merge_from_dp(self._gather(refs, method, self.call_timeout_s), split)

@@ -270,6 +270,12 @@ class PPOConfig:
             "worker.actor.micro_batch_size_per_device_for_update",
             f"must divide the per-device update batch global_batch_size x n / devices = {per_device // world}",
         )
+        require(
+            world % rollout.tensor_parallel_size == 0,
+            "worker.rollout.tensor_parallel_size",
+            f"must divide the number of workers nnodes x n_gpus_per_node = {world} (each group of "
+            f"{rollout.tensor_parallel_size} consecutive workers shares one engine)",
+        )
         self._check_algorithm()
         require_choice(self.self_reward.enable, SELF_REWARD_MODES, "self_reward.enable")
         if data.format_prompt is not None:

@@ -237,7 +237,7 @@ class RolloutConfig:
     micro_batch_size: int = 64
     """hf engine: sequences generated at once."""
     tensor_parallel_size: int = 1
-    """vllm: tensor-parallel size."""
+    """vllm: workers per engine. >1: each group of that many consecutive workers runs one engine together (SPMD, vLLM's external launcher) and samples the same prompts; must divide the number of workers."""
     gpu_memory_utilization: float = 0.6
     """vllm: fraction of GPU memory for weights and KV cache."""
     max_num_batched_tokens: int = 8192
@@ -260,6 +260,11 @@ class RolloutConfig:
         require(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
         require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", "must be positive")
         require(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size", "must be at least 1")
+        require(
+            self.tensor_parallel_size == 1 or self.name == "vllm",
+            f"{prefix}.tensor_parallel_size",
+            f"only the vllm engine shards a model over workers; {prefix}.name={self.name} needs 1",
+        )
         require(0 < self.gpu_memory_utilization <= 1, f"{prefix}.gpu_memory_utilization", "must be in (0, 1]")
 
 

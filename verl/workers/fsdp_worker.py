@@ -52,6 +52,13 @@ class ActorRolloutRefWorker:
         self.seed = seed
         self.rank, self.world_size = fsdp_utils.init_distributed(self.device)
         self.sharded = dist.is_initialized()
+        # Ranks that share one tensor-parallel rollout engine (consecutive ranks, as vLLM groups
+        # them); the worker group reads this to dispatch `generate_sequences` over the groups.
+        self.dispatch_tp_size = config.rollout.tensor_parallel_size
+        if self.world_size % self.dispatch_tp_size:
+            raise ValueError(
+                f"worker.rollout.tensor_parallel_size={self.dispatch_tp_size} does not divide {self.world_size} workers"
+            )
 
     # --- setup -------------------------------------------------------------------------------
     @register(Dispatch.ONE_TO_ALL)
@@ -144,12 +151,14 @@ class ActorRolloutRefWorker:
         )
 
     # --- stages ----------------------------------------------------------------------------
-    @register(Dispatch.DP_COMPUTE)
+    @register(Dispatch.TP_GROUP_COMPUTE)
     def generate_sequences(self, prompts: DataProto) -> DataProto:
         """Sample with `prompts.meta_info["sampling"]` (a SamplingParams)."""
         sampling: SamplingParams = prompts.meta_info["sampling"]
-        # Ranks sample different prompts: each gets its own random stream (rank 0 keeps the given seed).
-        sampling = dataclasses.replace(sampling, seed=sampling.seed + self.rank * 2**32)
+        # Tensor-parallel groups sample different prompts: each gets its own random stream (group 0
+        # keeps the given seed); the ranks of one group must sample identically, so share its seed.
+        group = self.rank // self.dispatch_tp_size
+        sampling = dataclasses.replace(sampling, seed=sampling.seed + group * 2**32)
         with self.actor_offload.loaded(), self._gathered(self.model):
             self.rollout.wake()
             self.rollout.sync_weights(self.model)

