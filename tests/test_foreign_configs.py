@@ -91,25 +91,38 @@ def test_unavailable_features_are_reported_together_with_what_to_use(monkeypatch
     monkeypatch.chdir(ROOT)
     args = [
         EASYR1,
-        "worker.actor.dynamic_batching=true",
         "worker.actor.ulysses_size=2",
-        "worker.actor.model.lora.rank=8",
         "trainer.save_model_only=true",
         "algorithm.filter_low=0.2",
     ]
     with pytest.raises(ConfigError) as error:
         load_config(args, PPOConfig)
     message = str(error.value)
-    assert message.startswith("5 config key(s)")
+    assert message.startswith("3 config key(s)")
     for key, hint in [
-        ("worker.actor.dynamic_batching", "coming as `worker.actor.dynamic_batching`"),
         ("worker.actor.ulysses_size", "enable_gradient_checkpointing"),
-        ("worker.actor.model.lora", "coming as `worker.actor.model.lora"),
         ("trainer.save_model_only", "model_merger.py"),
         ("algorithm.filter_low", "not all equal"),
     ]:
         line = next(line for line in message.splitlines() if f"`{key}`" in line)
         assert hint in line and "from the command line" in line
+
+
+def test_their_token_budget_and_lora_keys_are_ours():
+    """EasyR1's dynamic batching, token budget and LoRA keys have the same names and meaning here."""
+    config = load_config(
+        [
+            EASYR1,
+            "worker.actor.dynamic_batching=true",
+            "worker.actor.max_token_len_per_gpu=8192",
+            "worker.actor.model.lora.rank=8",
+            "worker.actor.model.lora.alpha=16",
+        ],
+        PPOConfig,
+    )
+    actor = config.worker.actor
+    assert actor.dynamic_batching and actor.max_token_len_per_gpu == 8192
+    assert (actor.model.lora.rank, actor.model.lora.alpha, actor.model.lora.target_modules) == (8, 16, "all-linear")
 
 
 def test_enable_cpu_offload_is_read_not_hinted_to_full_shard():

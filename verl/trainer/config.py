@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from verl.algorithms.core_algos import ADV_ESTIMATORS, KL_CONTROLLERS, KL_MODES
 from verl.utils.checkpoint import CHECKSUMS, ON_DAMAGED
-from verl.utils.config import ForeignKey, no_op, not_available, require, require_choice
+from verl.utils.config import ForeignKey, no_op, require, require_choice
 from verl.utils.device import DEVICES
 from verl.utils.tracking import LOGGERS
 from verl.workers.config import WorkerConfig
@@ -338,10 +338,6 @@ def _falsy(value: object, source: object) -> bool:
     return not value
 
 
-def _lora_off(value: object, source: object) -> bool:
-    return not (isinstance(value, dict) and value.get("rank"))
-
-
 def _filter_window_edge(default: float) -> Callable[[object, object], bool]:
     def accepts(value: object, config: object) -> bool:
         from omegaconf import OmegaConf
@@ -411,21 +407,8 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
     "worker.actor.padding_free": no_op(
         "accepted: sequences are padded here; the log-probs and the update are the same either way"
     ),
-    "worker.actor.dynamic_batching": no_op(
-        "false is what this code does; token-budget micro-batches are coming as `worker.actor.dynamic_batching` "
-        "(until then: worker.actor.micro_batch_size_per_device_for_update)",
-        accepts=_falsy,
-    ),
-    "worker.actor.max_token_len_per_gpu": not_available(
-        "token-budget micro-batches are coming as `worker.actor.max_tokens_per_micro_batch` (until then: "
-        "worker.actor.micro_batch_size_per_device_for_update)"
-    ),
     "worker.actor.ulysses_size": _SEQUENCE_PARALLEL,
     "worker.actor.ulysses_sequence_parallel_size": _SEQUENCE_PARALLEL,
-    "worker.actor.model.lora": no_op(
-        "rank 0 (no LoRA) is full fine-tuning, what this code does; LoRA is coming as `worker.actor.model.lora.*`",
-        accepts=_lora_off,
-    ),
     "worker.actor.fsdp.enable_cpu_offload": _cpu_offload("worker.actor", optimizer=True),
     "worker.ref.fsdp.enable_cpu_offload": _cpu_offload("worker.ref", optimizer=False),
     "worker.actor.fsdp.enable_rank0_init": no_op(_RANK0_INIT),
