@@ -619,7 +619,9 @@ def test_tiny_cold_start_learns_the_format_and_leaves_room_for_rl(tiny_world, tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "eval_metrics.json").read_text())
-    assert metrics["gen/format"] >= 0.9  # the format is learned ...
-    assert 0.05 <= metrics["gen/accuracy"] <= 0.8  # ... the answers only partly
+    # Stopped by the measured target on the validation split, before the cap: the format is learned ...
+    assert f"SFT stopped at step {metrics['global_step']}: target" in result.stdout
+    assert metrics["global_step"] < 1500 and metrics["gen/format"] >= 0.9
+    assert 0.3 <= metrics["gen/accuracy"] <= 0.8  # ... the answers only partly
     assert metrics["gen/perception"] <= 0.8
     AutoModelForImageTextToText.from_pretrained(out / "model")
