@@ -2,7 +2,7 @@
 start stopped by the measured target, then GRPO with the self-reward stage on the default recipe,
 examples/tiny_world/self_reward.yaml) raises held-out answer accuracy clearly above the cold start's.
 
-Slow (the cold start and the main job: 40 minutes on the shared 2-core machine under load; an idle one
+Slow (the cold start and the main job: about 32 minutes on the shared 2-core machine under load; an idle one
 has not been timed): run with `-m slow`.
 """
 
