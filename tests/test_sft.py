@@ -269,35 +269,37 @@ def test_frozen_vision_tower_and_projector_keep_their_weights(tiny_world, tmp_pa
 
 
 # ---------------------------------------------------------------- the trainer: checkpoints and evaluation
-@pytest.fixture(scope="module")
-def short_run(tiny_world, model_dir, tmp_path_factory):
-    """Three steps of the CLI's trainer on small subsets, evaluated and saved at the end."""
-    out = tmp_path_factory.mktemp("sft_run")
+def _short_run_args(tiny_world: Path, model_dir: str, out: Path) -> list[str]:
+    """CLI arguments of a run of the trainer on small subsets (12 rows per file), checked on 12 test prompts."""
     cold = _cold_start(tiny_world)
     train = [_subset(tiny_world, out, name, 12) for name in ("seethink.json", "think.json", "text_only.json")]
     val = _subset(tiny_world, out, "seethink_val.json", 8)
     test_rows = out / "test.parquet"
     pq.write_table(pq.read_table(tiny_world / "data" / "digit_sum" / "test.parquet").slice(0, 12), test_rows)
-    config = load_config(
-        [
-            f"config={ROOT / 'examples' / 'sft_config.yaml'}",
-            f"data.train_files=[{','.join(train)}]",
-            f"data.val_files=[{val}]",
-            f"data.image_dir={cold}",
-            "data.batch_size=8",
-            f"model.model_path={model_dir}",
-            "optim.lr=1e-3",
-            f"eval.generation_files={test_rows}",
-            f"eval.format_prompt={ROOT / 'examples' / 'format_prompt' / 'see_think.jinja'}",
-            f"eval.reward_function={ROOT / 'examples' / 'reward_function' / 'digit_sum.py'}:compute_score",
-            "eval.max_new_tokens=24",
-            "trainer.max_steps=3",
-            "trainer.device=cpu",
-            "trainer.logger=[file]",
-            f"trainer.save_checkpoint_path={out / 'checkpoints'}",
-        ],
-        SFTConfig,
-    )
+    return [
+        f"config={ROOT / 'examples' / 'sft_config.yaml'}",
+        f"data.train_files=[{','.join(train)}]",
+        f"data.val_files=[{val}]",
+        f"data.image_dir={cold}",
+        "data.batch_size=8",
+        f"model.model_path={model_dir}",
+        "optim.lr=1e-3",
+        f"eval.generation_files={test_rows}",
+        f"eval.format_prompt={ROOT / 'examples' / 'format_prompt' / 'see_think.jinja'}",
+        f"eval.reward_function={ROOT / 'examples' / 'reward_function' / 'digit_sum.py'}:compute_score",
+        "eval.max_new_tokens=24",
+        "trainer.max_steps=3",
+        "trainer.device=cpu",
+        "trainer.logger=[file]",
+        f"trainer.save_checkpoint_path={out / 'checkpoints'}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_world, model_dir, tmp_path_factory):
+    """Three steps of the CLI's trainer on small subsets, evaluated and saved at the end."""
+    out = tmp_path_factory.mktemp("sft_run")
+    config = load_config(_short_run_args(tiny_world, model_dir, out), SFTConfig)
     trainer = build_trainer(config)
     metrics = trainer.fit()
     return out / "checkpoints", trainer, metrics
@@ -350,6 +352,41 @@ def test_a_rerun_resumes_from_the_last_checkpoint(short_run):
     )
 
 
+def test_a_run_stops_at_the_first_check_that_meets_the_target_and_stays_stopped(
+    tiny_world, model_dir, tmp_path, capsys
+):
+    # Format >= 0 is met by any check: the run must end at the first one (step 2), not at the cap (6).
+    args = _short_run_args(tiny_world, model_dir, tmp_path)
+    args += ["trainer.max_steps=6", "trainer.val_freq=2", "eval.stop_at={gen/format: 0.0, gen/accuracy: 0.0}"]
+    trainer = build_trainer(load_config(args, SFTConfig))
+    metrics = trainer.fit()
+    root = tmp_path / "checkpoints"
+    assert trainer.global_step == 2 and trainer.stopped_at == 2 and "gen/accuracy" in metrics
+    assert sorted(p.name for p in root.glob("global_step_*")) == ["global_step_2"]
+    assert json.loads((root / "global_step_2" / "trainer_state.json").read_text())["stopped_at"] == 2
+    saved = json.loads((root / "global_step_2" / "eval_metrics.json").read_text())
+    printed = capsys.readouterr().out
+    assert "SFT stopped at step 2: target gen/format>=0.0, gen/accuracy>=0.0 reached" in printed
+    assert f"gen/accuracy={saved['gen/accuracy']:.3f}" in printed
+    # Run again (as after a crash between the save and the exit): it finds the stop and trains no further.
+    again = build_trainer(load_config(args, SFTConfig))
+    again.fit()
+    assert again.global_step == 2 and sorted(p.name for p in root.glob("global_step_*")) == ["global_step_2"]
+    assert "SFT stopped at step 2" in capsys.readouterr().out
+
+
+def test_an_unmet_target_runs_to_the_cap_and_says_so(tiny_world, model_dir, tmp_path, capsys):
+    args = _short_run_args(tiny_world, model_dir, tmp_path)
+    args += ["trainer.max_steps=2", "trainer.val_freq=1", "eval.stop_at={gen/accuracy: 1.01}"]
+    trainer = build_trainer(load_config(args, SFTConfig))
+    trainer.fit()
+    assert trainer.global_step == 2 and trainer.stopped_at is None
+    assert "SFT ended at the step cap (2) without reaching the target gen/accuracy>=1.01" in capsys.readouterr().out
+    assert "stopped_at" not in json.loads(
+        (tmp_path / "checkpoints" / "global_step_2" / "trainer_state.json").read_text()
+    )
+
+
 # ---------------------------------------------------------------- config
 def test_reference_sft_yaml_is_generated_from_the_code():
     module = _script_module("print_reference_config")
@@ -371,6 +408,9 @@ def test_reference_sft_yaml_is_generated_from_the_code():
         ("data.train_ratios=[1.0]", "1 values for 3 train_files"),
         ("data.train_ratios=[1.0,0.0,1.0]", "every ratio must be positive"),
         ("eval.format_prompt=missing.jinja", "file not found: missing.jinja"),
+        ("trainer.val_freq=10 eval.stop_at.accuracy=0.3", "key 'accuracy' must name a generation-check metric"),
+        ("eval.stop_at.gen/accuracy=0.3", "eval.stop_at`: needs trainer.val_freq > 0"),
+        ("trainer.val_freq=10 eval.generation_files=null eval.stop_at.gen/accuracy=0.3", "needs the greedy-generation"),
     ],
 )
 def test_bad_config_values_are_named(override, message):
@@ -579,7 +619,9 @@ def test_tiny_cold_start_learns_the_format_and_leaves_room_for_rl(tiny_world, tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "eval_metrics.json").read_text())
-    assert metrics["gen/format"] >= 0.9  # the format is learned ...
-    assert 0.05 <= metrics["gen/accuracy"] <= 0.8  # ... the answers only partly
+    # Stopped by the measured target on the validation split, before the cap: the format is learned ...
+    assert f"SFT stopped at step {metrics['global_step']}: target" in result.stdout
+    assert metrics["global_step"] < 1500 and metrics["gen/format"] >= 0.9
+    assert 0.3 <= metrics["gen/accuracy"] <= 0.8  # ... the answers only partly
     assert metrics["gen/perception"] <= 0.8
     AutoModelForImageTextToText.from_pretrained(out / "model")

@@ -72,6 +72,8 @@ class SFTTrainer:
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.last_generations: list[dict[str, Any]] = []
         self.tracker: Tracker | None = None
+        # The step at which the evaluation met `eval.stop_at`, once it has; a resumed run that finds it ends there.
+        self.stopped_at: int | None = None
 
     def fit(self) -> dict[str, float]:
         """Train to `total_steps`, resuming from the latest checkpoint; returns the last step's metrics."""
@@ -107,6 +109,9 @@ class SFTTrainer:
                     with timer("evaluate", timings):
                         metrics.update(self.evaluate())
                     self.tracker.log_generations(self.last_generations, step=self.global_step)
+                    if self.target_reached(metrics):
+                        self.stopped_at = self.global_step
+                        is_last = True
             loader = self.train_loader
             metrics["train/epoch"] = loader.epoch + loader.batches_done / len(loader)
             metrics.update({f"timing_s/{name}": seconds for name, seconds in timings.items()})
@@ -117,9 +122,42 @@ class SFTTrainer:
             if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
                 self.save_checkpoint()
             progress.update(1)
+            if self.stopped_at is not None:
+                break
         progress.close()
         self.tracker.finish()
+        self._report_stop()
         return metrics
+
+    def target_reached(self, metrics: dict[str, float]) -> bool:
+        """Whether these evaluation metrics meet every threshold of `eval.stop_at` (never when it is empty)."""
+        target = self.config.eval.stop_at
+        if not target:
+            return False
+        missing = [key for key in target if key not in metrics]
+        if missing:
+            raise KeyError(
+                f"eval.stop_at names {missing}, which the generation check did not report "
+                f"(it reported {sorted(key for key in metrics if key.startswith('gen/'))})"
+            )
+        return all(metrics[key] >= threshold for key, threshold in target.items())
+
+    def _report_stop(self) -> None:
+        """One line saying why the run ended and with which figures, so a log shows what RL will start from."""
+        if not self.config.eval.stop_at:
+            return
+        figures = ""
+        if self.last_eval is not None:
+            figures = ", ".join(f"{k}={v:.3f}" for k, v in sorted(self.last_eval[1].items()))
+            figures = f" (evaluation at step {self.last_eval[0]}: {figures})"
+        target = ", ".join(f"{k}>={v}" for k, v in self.config.eval.stop_at.items())
+        if self.stopped_at is not None:
+            print(f"SFT stopped at step {self.stopped_at}: target {target} reached{figures}", flush=True)
+        else:
+            print(
+                f"SFT ended at the step cap ({self.global_step}) without reaching the target {target}{figures}",
+                flush=True,
+            )
 
     def _endless_batches(self):
         """Epoch after epoch; the loader's own state says where a resumed run continues."""
@@ -198,6 +236,8 @@ class SFTTrainer:
                 with open(os.path.join(folder, "eval_metrics.json"), "w") as f:
                     json.dump({"global_step": self.global_step, **self.last_eval[1]}, f, indent=2)
             state = {"global_step": self.global_step, "dataloader": self.train_loader.state_dict()}
+            if self.stopped_at is not None:
+                state["stopped_at"] = self.stopped_at
             write_trainer_state(folder, state)
 
         cfg = self.config.trainer
@@ -214,6 +254,15 @@ class SFTTrainer:
         self.wg.load_checkpoint(os.path.join(path, "actor"))
         self.train_loader.load_state_dict(state["dataloader"])
         self.global_step = state["global_step"]
+        if state.get("stopped_at") is not None:
+            # The target was met here: the run is complete, and training on would overshoot it.
+            self.stopped_at = state["stopped_at"]
+            self.total_steps = self.global_step
+            eval_path = os.path.join(path, "eval_metrics.json")
+            if os.path.isfile(eval_path):
+                with open(eval_path) as f:
+                    saved = json.load(f)
+                self.last_eval = (saved.pop("global_step"), saved)
         logger.info("resumed from %s at step %d", path, self.global_step)
 
 

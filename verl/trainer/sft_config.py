@@ -78,6 +78,8 @@ class SFTEvalConfig:
     """Prompts generated at once."""
     generations_to_log: int = 4
     """Sample generations sent to the loggers at each evaluation."""
+    stop_at: dict[str, float] = field(default_factory=dict)
+    """Stop training at the first evaluation (every `trainer.val_freq` steps) where every listed `gen/<component>` of the greedy check reaches its threshold, e.g. {gen/format: 0.9, gen/accuracy: 0.3}: a measured target instead of a step count, so runs on different machines stop at a comparable model; the step count (`trainer.max_steps` / `total_epochs`) stays the cap. Empty: train to the step count."""
 
 
 @dataclass
@@ -123,6 +125,26 @@ class SFTConfig:
             f"({data.batch_size}) must divide evenly over the {trainer.world_size} workers "
             "(trainer.nnodes x trainer.n_gpus_per_node)",
         )
+        if evaluation.stop_at:
+            require(
+                evaluation.generation_files is not None,
+                "eval.stop_at",
+                "needs the greedy-generation check (set eval.generation_files)",
+            )
+            require(
+                trainer.val_freq > 0, "eval.stop_at", "needs trainer.val_freq > 0 (how often the target is checked)"
+            )
+            for key, threshold in evaluation.stop_at.items():
+                require(
+                    isinstance(key, str) and key.startswith("gen/"),
+                    "eval.stop_at",
+                    f"key {key!r} must name a generation-check metric, gen/<component> (e.g. gen/accuracy)",
+                )
+                require(
+                    isinstance(threshold, (int, float)) and not isinstance(threshold, bool),
+                    "eval.stop_at",
+                    f"threshold of {key!r} must be a number, got {threshold!r}",
+                )
         if evaluation.generation_files is not None:
             require(
                 ":" in evaluation.reward_function,
