@@ -22,6 +22,7 @@ from verl.algorithms import core_algos
 from verl.protocol import DataProto, SamplingParams
 from verl.reward import RewardFunction, RewardFunctionError, RewardInput, aggregate_reward_metrics
 from verl.trainer.config import PPOConfig
+from verl.trainer.interrupt import checkpoint_guard
 from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics
 from verl.trainer.self_reward import SelfRewardStage
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
@@ -437,7 +438,10 @@ class PPOTrainer:
             write_trainer_state(folder, state)
 
         cfg = self.config.trainer
-        return save_and_prune(self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum)
+        with checkpoint_guard():  # a signal waits until the checkpoint is complete
+            return save_and_prune(
+                self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum
+            )
 
     def _resume(self) -> None:
         cfg = self.config.trainer
