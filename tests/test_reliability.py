@@ -130,9 +130,13 @@ def _interrupt_after(process, marker: Path, signum: int, log_path: Path) -> str:
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert marker.exists(), f"the run did not reach {marker}:\n{log_path.read_text()[-3000:]}"
+    status = Path(f"/proc/{process.pid}/status")
+    caught = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
     process.send_signal(signum)
-    assert process.wait(timeout=120) == 128 + signum
-    return log_path.read_text()
+    code = process.wait(timeout=120)
+    output = log_path.read_text()
+    assert code == (-signum if signum == signal.SIGKILL else 128 + signum), (caught, output[-3000:])
+    return output
 
 
 @pytest.mark.slow

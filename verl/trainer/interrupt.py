@@ -42,18 +42,20 @@ class _State:
 
 def _handler(signum: int, frame: FrameType | None) -> None:
     if _State.raised or _State.pending is not None:
-        print(f"\n{signal.Signals(signum).name} again while stopping: exiting now", file=sys.stderr, flush=True)
+        _say(f"{signal.Signals(signum).name} again while stopping: exiting now")
         os._exit(128 + signum)
     if _State.deferring:
         _State.pending = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping once the checkpoint being written is complete",
-            file=sys.stderr,
-            flush=True,
-        )
+        _say(f"{signal.Signals(signum).name}: stopping once the checkpoint being written is complete")
         return
     _State.raised = True
     raise Interrupted(signum)
+
+
+def _say(message: str) -> None:
+    # os.write, not print: the handler may run while the main thread is inside a write to stderr,
+    # and a buffered stream refuses a reentrant write.
+    os.write(sys.stderr.fileno(), f"\n{message}\n".encode())
 
 
 @contextmanager
