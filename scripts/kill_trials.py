@@ -46,6 +46,7 @@ def run_args(world: Path, train: Path, save_dir: Path) -> list[str]:
         "trainer.logger=[file]",
         f"trainer.save_checkpoint_path={save_dir}",
         "trainer.val_before_train=false",
+        "trainer.total_epochs=2",
         f"trainer.max_steps={STEPS}",
         f"trainer.save_freq={SAVE_FREQ}",
     ]

@@ -146,7 +146,13 @@ def test_sigint_sigterm_and_kill_resume_to_the_same_rows_and_metrics(tiny_world,
     rows and metrics equal an uninterrupted run's, each epoch sees every row exactly once, and the
     message says where the run stopped."""
     train = small_train_file(tiny_world, tmp_path / "train.parquet", 12)
-    steps = ["trainer.max_steps=5", "trainer.save_freq=1", f"data.train_files={train}", "data.val_files=null"]
+    steps = [
+        "trainer.total_epochs=2",
+        "trainer.max_steps=5",
+        "trainer.save_freq=1",
+        f"data.train_files={train}",
+        "data.val_files=null",
+    ]
     reference_dir, crash_dir = tmp_path / "reference", tmp_path / "crash"
     main(run_args(tiny_world, reference_dir, *steps))
     command = [sys.executable, "-m", "verl.trainer.main", *run_args(tiny_world, crash_dir, *steps)]
