@@ -130,6 +130,8 @@ def _interrupt_after(process, marker: Path, signum: int, log_path: Path) -> str:
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert marker.exists(), f"the run did not reach {marker}:\n{log_path.read_text()[-3000:]}"
+    if signum != signal.SIGKILL:
+        time.sleep(0.5)  # into the next step (a tiny step takes seconds on CPU), not between steps
     status = Path(f"/proc/{process.pid}/status")
     caught = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
     process.send_signal(signum)
