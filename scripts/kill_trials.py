@@ -4,8 +4,8 @@
 
 One uninterrupted reference run first (`python -m verl.trainer.main` on the tiny world, a 12-row
 training file so the run crosses an epoch boundary). Then each trial starts the same command,
-sends SIGKILL or SIGTERM (chosen at random) at a random moment between the first step and the end
-of the reference's duration, mid-step or mid-save, and reruns the same command until it finishes.
+sends SIGKILL or SIGTERM (chosen at random) at a random moment of a random step (timed from that
+run's own logged steps, so mid-step or mid-save), and reruns the same command until it finishes.
 It compares with the reference: the rows each step trained on (rows.jsonl), every logged metric
 except timings and throughput, and the final weights. Prints one line per trial and a summary;
 exits 1 if any trial differs.
@@ -62,8 +62,15 @@ def start(world: Path, train: Path, save_dir: Path, log: Path) -> subprocess.Pop
 def read_jsonl(path: Path) -> dict[int, dict]:
     if not path.exists():
         return {}
+    records = {}
     with open(path) as f:
-        return {record["step"]: record for record in map(json.loads, f)}
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            records[record["step"]] = record
+    return records
 
 
 def final_weights(save_dir: Path):
@@ -143,11 +150,18 @@ def main() -> int:
         save = workdir / f"trial_{trial}"
         log = workdir / f"trial_{trial}.log"
         signum = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        kill_at = rng.uniform(max(first_step - step_s, 0.0), total)
+        # A moment in this run's own progress (its speed varies on a shared machine): a random point
+        # of step k+1, k uniform in 0..STEPS-1, reached once step k's metrics are logged.
+        after_step = rng.randrange(STEPS)
+        into_step = rng.uniform(0.0, step_s)
         process = start(world, train, save, log)
         begun = time.time()
-        while process.poll() is None and time.time() - begun < kill_at:
+        while process.poll() is None and len(read_jsonl(save / "metrics.jsonl")) < after_step:
             time.sleep(0.02)
+        if after_step == 0:  # the first step begins after loading: aim around its start
+            into_step = rng.uniform(max(first_step - step_s, 0.0), first_step)
+        time.sleep(into_step)
+        kill_at = time.time() - begun
         checkpoints = sorted(int(p.name.split("_")[-1]) for p in save.glob("global_step_*"))
         if process.poll() is None:
             process.send_signal(signum)
