@@ -40,6 +40,9 @@ REWARD_TYPES = ("batch", "sequential")
 # A module constant declaring how the file's functions are called, as EasyR1's reward files do
 # (`REWARD_TYPE = "sequential"` in examples/reward_function/r1v.py).
 REWARD_TYPE_CONSTANT = "REWARD_TYPE"
+# What training does with a sample whose reward fails (raises, non-finite, not a number): stop the run
+# naming it, or leave its whole GRPO group out of the step (counted in `reward/dropped_groups`).
+BAD_SAMPLE_POLICIES = ("error", "drop_group")
 # Parameter names of the original Vision-SR1 batch signature, in its order.
 ORIGINAL_PARAMETERS = ("predicts", "ground_truths", "questions", "description_answers")
 
@@ -146,6 +149,60 @@ class RewardFunction:
             results = self._call_batch(len(samples), (samples,), {})
         return [self._check_score(score, index, samples[index]) for index, score in enumerate(results)]
 
+    def score_each(self, samples: list[RewardInput]) -> tuple[list[dict[str, float] | None], dict[int, str]]:
+        """Score every sample, keeping going past samples that fail: returns one score per sample
+        (None where it failed) and, for each failed sample's index, why (a raise, a non-finite or
+        non-numeric value, a missing `overall`), so a caller can name the sample or set it aside.
+
+        A batch-style call that raises is repeated one sample at a time to find which samples make
+        it fail; a batch that fails as a whole (wrong length, not a list) still raises."""
+        if not samples:
+            return [], {}
+        scores: list[dict[str, float] | None] = [None] * len(samples)
+        failures: dict[int, str] = {}
+        if self.style == "sequential":
+            results: list[Any] = []
+            for index, sample in enumerate(samples):
+                try:
+                    results.append(self._call_one(sample, index))
+                except RewardFunctionError as exc:
+                    results.append(None)
+                    failures[index] = str(exc)
+        else:
+            try:
+                results = list(self._call_whole_batch(samples))
+            except _BatchCallRaised:
+                results = []
+                for index, sample in enumerate(samples):
+                    try:
+                        (one,) = self._call_whole_batch([sample])
+                    except _BatchCallRaised as exc:
+                        one = None
+                        failures[index] = (
+                            f"{self.spec} raised on sample {index} {_sample_repr.repr(sample)}: "
+                            f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+                        )
+                    results.append(one)
+        for index, score in enumerate(results):
+            if index in failures:
+                continue
+            try:
+                scores[index] = self._check_score(score, index, samples[index])
+            except RewardFunctionError as exc:
+                failures[index] = str(exc)
+        return scores, failures
+
+    def _call_whole_batch(self, samples: list[RewardInput]) -> Sequence[Any]:
+        """The batch call of `samples`; a raise inside the user's function becomes `_BatchCallRaised`."""
+        try:
+            if self.style == "original":
+                return self._call_batch(len(samples), (), self._original_columns(samples))
+            return self._call_batch(len(samples), (samples,), {})
+        except RewardFunctionError as exc:
+            if exc.__cause__ is not None:  # the function itself raised (not a malformed result)
+                raise _BatchCallRaised(str(exc)) from exc.__cause__
+            raise
+
     def _check_arguments(self, signature: inspect.Signature) -> None:
         """Fail at load time, not at the first step, when the kwargs do not fit the signature."""
         parameters = signature.parameters
@@ -222,6 +279,10 @@ class RewardFunction:
                 raise RewardFunctionError(f"{where} {key}={number}; scores must be finite")
             checked[str(key)] = number
         return checked
+
+
+class _BatchCallRaised(RuntimeError):
+    """The user's batch function raised (its cause), as opposed to returning a malformed result."""
 
 
 def _load_function(spec: str) -> tuple[Path, Callable[..., Any]]:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from verl.trainer.config import PPOConfig, RunConfig, reward_keys_rule
+from verl.trainer.interrupt import Interrupted, stop_on_signals
 from verl.utils.cli_help import handle_help
 from verl.utils.config import ConfigError, load_config, to_dict
 
@@ -44,18 +45,27 @@ def build_trainer(config: PPOConfig):
     """Everything `fit()` needs, built in dependency order; returns the trainer. Everything that can
     be checked without a model (data, reward function, reward keys) is checked before any loads."""
     from verl.models.loading import load_tokenizer_and_processor
-    from verl.reward import RewardFunction
     from verl.trainer.ppo_trainer import PPOTrainer
     from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
     from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
     data = config.data
     reward_cfg = config.worker.reward
-    reward_fn = RewardFunction(reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type)
+    model_cfg = config.worker.actor.model
+    preflight(
+        config.trainer.save_checkpoint_path,
+        None if config.trainer.val_only else model_cfg.model_path,
+        {"data.train_files": [data.train_files], "data.val_files": [data.val_files] if data.val_files else []},
+    )
+    reward_fn = load_reward_function(
+        "worker.reward.reward_function",
+        reward_cfg.reward_function,
+        reward_cfg.reward_function_kwargs,
+        reward_cfg.reward_type,
+    )
     val_reward_fn = build_val_reward(config)
 
     # The driver tokenizes data itself; workers load their own copy of the same files.
-    model_cfg = config.worker.actor.model
     tokenizer, processor = load_tokenizer_and_processor(
         model_cfg.tokenizer_path or model_cfg.model_path, model_cfg.trust_remote_code
     )
@@ -99,6 +109,38 @@ def build_val_reward(config: PPOConfig) -> Any:
     if val_cfg is None:
         return None
     return RewardFunction(val_cfg.reward_function, val_cfg.reward_function_kwargs, val_cfg.reward_type)
+
+
+def preflight(checkpoint_root: str, model_path: str | None, data: dict[str, list[str]]) -> None:
+    """What would otherwise fail only after the models load (or after the first step), checked
+    first: the checkpoint and log folder is writable, it has room for one checkpoint of the model at
+    `model_path` (None: nothing will be saved), and every data file (by config key) is readable and
+    holds rows. Raises ConfigError naming the key and the path."""
+    from verl.utils.dataset import DataError, local_data_files
+    from verl.utils.preflight import PreflightError, check_checkpoint_space, check_data_files, check_writable_folder
+
+    try:
+        check_writable_folder(checkpoint_root)  # the trackers' files (metrics.jsonl, ...) go here too
+        if model_path is not None and check_checkpoint_space(checkpoint_root, model_path) is None:
+            logger.info("disk space for checkpoints not checked: %s is not a local model folder", model_path)
+    except PreflightError as exc:
+        raise ConfigError(f"config key `trainer.save_checkpoint_path`: {exc}") from None
+    for key, specs in data.items():
+        for spec in specs:
+            try:
+                check_data_files(spec, local_data_files(spec))
+            except (PreflightError, DataError) as exc:
+                raise ConfigError(f"config key `{key}`: {exc}") from None
+
+
+def load_reward_function(key: str, spec: str, kwargs: dict[str, Any], reward_type: str = "batch") -> Any:
+    """The reward function, or a ConfigError naming `key` when it cannot be loaded."""
+    from verl.reward import RewardFunction, RewardFunctionError
+
+    try:
+        return RewardFunction(spec, kwargs, reward_type)
+    except RewardFunctionError as exc:
+        raise ConfigError(f"config key `{key}`: {exc}") from None
 
 
 def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, Any]) -> None:
@@ -232,13 +274,37 @@ def run_cli(
         return {}
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
-    with stop_ray_started_here():
-        try:
-            trainer = build(config)
-        except ConfigError as exc:  # found by a check that needs the data or the reward function
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        return trainer.fit()
+    trainer = None
+    try:
+        # Ray (its workers too) is shut down on every way out, an interruption included.
+        with stop_on_signals(), stop_ray_started_here():
+            try:
+                trainer = build(config)
+            except ConfigError as exc:  # found by a check that needs the data or the reward function
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            return trainer.fit()
+    except Interrupted as stop:
+        report_interruption(stop, trainer, config.trainer.save_checkpoint_path)
+        raise SystemExit(stop.exit_code) from None
+
+
+def report_interruption(stop: Interrupted, trainer: Any, checkpoint_root: str) -> None:
+    """Tell the user where the run stopped and how to go on; the step in progress is abandoned and
+    a rerun redoes it from the last checkpoint."""
+    from verl.utils.checkpoint import list_checkpoints
+
+    if trainer is not None and trainer.tracker is not None:
+        trainer.tracker.finish()
+    step = trainer.global_step if trainer is not None else 0
+    saved = list_checkpoints(checkpoint_root) if os.path.isdir(checkpoint_root) else []
+    last = saved[-1][1] if saved else None
+    print(
+        f"\n{stop}: interrupted at step {step}; rerun the same command to resume "
+        f"(last checkpoint: {last or 'none, the rerun starts from step 1'})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from verl.algorithms import core_algos
 from verl.protocol import DataProto, SamplingParams
-from verl.reward import RewardFunction, aggregate_reward_metrics
+from verl.reward import RewardFunction, RewardFunctionError, RewardInput, aggregate_reward_metrics
 from verl.trainer.config import PPOConfig
+from verl.trainer.interrupt import checkpoint_guard
 from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics
 from verl.trainer.self_reward import SelfRewardStage
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
@@ -120,6 +121,7 @@ class PPOTrainer:
 
             metrics.update(compute_data_metrics(batch))
             metrics.update(compute_throughput_metrics(batch, timings))
+            self.tracker.log_rows(_trained_rows(batch), step=self.global_step)
             self.tracker.log(metrics, step=self.global_step)
             # Saved after logging: a run killed once this checkpoint exists resumes after this step,
             # so its metrics must be written already (a resumed run drops what was logged after).
@@ -173,6 +175,8 @@ class PPOTrainer:
             batch, step_metrics = self._score_prompts(prompts, timings)
             if not kept:
                 metrics.update(step_metrics)
+            elif "reward/dropped_groups" in step_metrics:  # refills' bad groups count too
+                metrics["reward/dropped_groups"] += step_metrics["reward/dropped_groups"]
             if not algo.online_filtering:
                 return batch, metrics
             scores = np.array([s[algo.filter_key] for s in batch.non_tensor_batch["reward_scores"]], dtype=float)
@@ -208,13 +212,68 @@ class PPOTrainer:
                 metrics.update(self._run_self_reward(batch, sampling))
 
         with timer("reward", timings):
-            scores = self._score(batch, self.reward_fn)
+            scores, bad_uids = self._score_training(batch)
+            if self.config.algorithm.adv_estimator == "remax":
+                baselines, bad_baselines = self._greedy_baselines(prompts, timings)
+                batch.batch["reward_baselines"] = baselines
+                bad_uids |= bad_baselines
+            batch, scores = self._drop_groups(batch, scores, bad_uids)
+            if self.config.worker.reward.on_bad_sample == "drop_group":
+                metrics["reward/dropped_groups"] = float(len(bad_uids))
             batch.non_tensor_batch["reward_scores"] = np.array(scores, dtype=object)
             batch.batch["token_level_scores"] = _token_level(scores, batch.batch["response_mask"])
             metrics.update(aggregate_reward_metrics(scores))
-            if self.config.algorithm.adv_estimator == "remax":
-                batch.batch["reward_baselines"] = self._greedy_baselines(prompts, timings)
         return batch, metrics
+
+    def _score_training(self, batch: DataProto) -> tuple[list[dict[str, float] | None], set[str]]:
+        """Training rewards under `worker.reward.on_bad_sample`: the scores (None for a failed sample)
+        and the uids of the groups holding a failed sample; with `error`, the first failure stops
+        the run naming the sample's dataset row, uid and question."""
+        scores, failures = self.reward_fn.score_each(self._reward_inputs(batch))
+        nt = batch.non_tensor_batch
+        if failures and self.config.worker.reward.on_bad_sample == "error":
+            index, why = min(failures.items())
+            row = nt["row_index"][index] if "row_index" in nt else "?"
+            raise RewardFunctionError(
+                f"step {self.global_step}: the reward of dataset row {row} (uid {nt['uid'][index]}, "
+                f"{len(failures)} bad sample(s) in this batch) failed: {why}. "
+                "Set worker.reward.on_bad_sample=drop_group to leave such samples' groups out of the step instead."
+            )
+        for index, why in sorted(failures.items()):
+            row = nt["row_index"][index] if "row_index" in nt else "?"
+            logger.warning("step %d: dropping the group of dataset row %s: %s", self.global_step, row, why)
+        return scores, {str(nt["uid"][index]) for index in failures}
+
+    def _drop_groups(
+        self, batch: DataProto, scores: list[dict[str, float] | None], bad_uids: set[str]
+    ) -> tuple[DataProto, list[dict[str, float]]]:
+        """The batch without the groups in `bad_uids` (whole groups, so the rows left still divide
+        into the update's groups and mini-batches as dynamic sampling's kept groups do)."""
+        if not bad_uids:
+            return batch, scores
+        keep = np.array([str(uid) not in bad_uids for uid in batch.non_tensor_batch["uid"]])
+        if not keep.any():
+            raise RuntimeError(
+                f"step {self.global_step}: every group had a sample whose reward failed "
+                f"({len(bad_uids)} groups dropped); nothing is left to train on"
+            )
+        # The update shares each mini-batch out over the workers: leave out further whole groups (the
+        # last ones) until the rows divide by the number of workers.
+        uids = batch.non_tensor_batch["uid"]
+        kept_uids = list(dict.fromkeys(str(uid) for uid, kept in zip(uids, keep, strict=True) if kept))
+        trimmed = 0
+        while int(keep.sum()) % self.wg.world_size and len(kept_uids) > 1:
+            keep &= np.array([str(uid) != kept_uids[-1] for uid in uids])
+            kept_uids.pop()
+            trimmed += 1
+        if trimmed:
+            logger.warning(
+                "step %d: also left out %d intact group(s) so the rows divide over %d workers",
+                self.global_step,
+                trimmed,
+                self.wg.world_size,
+            )
+        return batch[keep], [score for score, kept in zip(scores, keep, strict=True) if kept]
 
     def _run_self_reward(self, batch: DataProto, sampling: SamplingParams) -> dict[str, float]:
         result = self.self_reward.run(
@@ -231,21 +290,25 @@ class PPOTrainer:
             batch.non_tensor_batch["prior_answers"] = _object_column(result.prior_answers)
         return result.metrics
 
-    def _greedy_baselines(self, prompts: DataProto, timings: dict[str, float]) -> torch.Tensor:
-        """ReMax baseline: the reward of each prompt's greedy response, repeated over its group."""
+    def _greedy_baselines(self, prompts: DataProto, timings: dict[str, float]) -> tuple[torch.Tensor, set[str]]:
+        """ReMax baseline: the reward of each prompt's greedy response, repeated over its group; and
+        the uids of the groups whose baseline reward failed (under the bad-sample policy)."""
         greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.config.data.max_response_length)
         with timer("gen_greedy", timings):
             baseline_batch = self._generate(prompts, greedy)
         baseline_batch.non_tensor_batch["response_text"] = np.array(self._decode(baseline_batch), dtype=object)
-        scores = self._score(baseline_batch, self.reward_fn)
-        overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-        return overall.repeat_interleave(self.config.worker.rollout.n)
+        scores, bad_uids = self._score_training(baseline_batch)
+        overall = torch.tensor([s["overall"] if s is not None else 0.0 for s in scores], dtype=torch.float32)
+        return overall.repeat_interleave(self.config.worker.rollout.n), bad_uids
 
     def _decode(self, batch: DataProto) -> list[str]:
         responses = batch.batch["responses"].masked_fill(batch.batch["response_mask"] == 0, self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(responses, skip_special_tokens=self.config.worker.reward.skip_special_tokens)
 
     def _score(self, batch: DataProto, reward_fn: RewardFunction) -> list[dict[str, float]]:
+        return reward_fn(self._reward_inputs(batch))
+
+    def _reward_inputs(self, batch: DataProto) -> list[RewardInput]:
         nt = batch.non_tensor_batch
         answers = nt.get("description_answers")
         prior = nt.get("prior_answers")
@@ -262,7 +325,7 @@ class PPOTrainer:
             }
             for i in range(len(batch))
         ]
-        return reward_fn(samples)
+        return samples
 
     def _compute_advantages(self, batch: DataProto) -> tuple[DataProto, dict[str, float]]:
         algo = self.config.algorithm
@@ -380,7 +443,10 @@ class PPOTrainer:
             write_trainer_state(folder, state)
 
         cfg = self.config.trainer
-        return save_and_prune(self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum)
+        with checkpoint_guard():  # a signal waits until the checkpoint is complete
+            return save_and_prune(
+                self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum
+            )
 
     def _resume(self) -> None:
         cfg = self.config.trainer
@@ -413,6 +479,17 @@ def old_log_prob_pass_skippable(config: PPOConfig) -> bool:
         and actor.global_batch_size == config.data.rollout_batch_size
         and not kl_in_reward
     )
+
+
+def _trained_rows(batch: DataProto) -> list[int]:
+    """The dataset row of each group in the batch (one per prompt trained on), in batch order."""
+    nt = batch.non_tensor_batch
+    if "row_index" not in nt:
+        return []
+    rows: dict[str, int] = {}  # insertion-ordered: groups in batch order
+    for uid, row in zip(nt["uid"], nt["row_index"], strict=True):
+        rows.setdefault(str(uid), int(row))
+    return list(rows.values())
 
 
 def _object_column(values: list[Any]) -> np.ndarray:

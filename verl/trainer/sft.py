@@ -29,7 +29,8 @@ from tqdm import tqdm
 from verl.models.loading import load_tokenizer_and_processor
 from verl.protocol import SamplingParams
 from verl.reward import RewardFunction, aggregate_reward_metrics
-from verl.trainer.main import build_worker_group, run_cli
+from verl.trainer.interrupt import checkpoint_guard
+from verl.trainer.main import build_worker_group, load_reward_function, preflight, run_cli
 from verl.trainer.sft_config import SFTConfig
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.config import to_dict
@@ -241,7 +242,10 @@ class SFTTrainer:
             write_trainer_state(folder, state)
 
         cfg = self.config.trainer
-        return save_and_prune(self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum)
+        with checkpoint_guard():  # a signal waits until the checkpoint is complete
+            return save_and_prune(
+                self.checkpoint_root, self.global_step, cfg.save_limit, write, cfg.checkpoint_checksum
+            )
 
     def _resume(self) -> None:
         cfg = self.config.trainer
@@ -270,6 +274,20 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
     """Data, worker and trainer, built in dependency order."""
 
     data, model_cfg, evaluation = config.data, config.model, config.eval
+    preflight(
+        config.trainer.save_checkpoint_path,
+        model_cfg.model_path,
+        {
+            "data.train_files": list(data.train_files),
+            "data.val_files": list(data.val_files),
+            "eval.generation_files": [evaluation.generation_files] if evaluation.generation_files else [],
+        },
+    )
+    reward_fn = None
+    if evaluation.generation_files is not None:
+        reward_fn = load_reward_function(
+            "eval.reward_function", evaluation.reward_function, evaluation.reward_function_kwargs
+        )
     tokenizer, processor = load_tokenizer_and_processor(
         model_cfg.tokenizer_path or model_cfg.model_path, model_cfg.trust_remote_code
     )
@@ -288,7 +306,7 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
     if data.val_files:
         val_set = SFTDataset(data.val_files, encoder, data.max_length, data.image_dir)
         val_loader = SFTLoader(val_set, data.batch_size, tokenizer.pad_token_id, shuffle=False, drop_last=False)
-    generation_loader, reward_fn = None, None
+    generation_loader = None
     if evaluation.generation_files is not None:
         prompt_config = PromptDatasetConfig(
             prompt_key=evaluation.prompt_key,
@@ -303,7 +321,6 @@ def build_trainer(config: SFTConfig) -> SFTTrainer:
         generation_loader = PromptLoader(
             prompts, evaluation.batch_size, False, data.seed, tokenizer.pad_token_id, drop_last=False
         )
-        reward_fn = RewardFunction(evaluation.reward_function, evaluation.reward_function_kwargs)
 
     config.optim.training_steps = config.trainer.total_steps(len(train_loader))
     worker_kwargs = {

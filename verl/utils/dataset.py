@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from verl.protocol import DataProto
+from verl.utils.preflight import PreflightError, check_data_files
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,18 @@ def resolve_data_files(spec: str) -> tuple[str, dict[str, Any]]:
     raise DataError(f"data spec {spec!r}: expected a .parquet/.json/.jsonl file, a folder of them, or name@split")
 
 
+def local_data_files(spec: str) -> list[str]:
+    """The local files a data spec names (none for `name@split`)."""
+    files = resolve_data_files(spec)[1].get("data_files", [])
+    return [files] if isinstance(files, str) else list(files)
+
+
 def load_rows(spec: str) -> datasets.Dataset:
     path, kwargs = resolve_data_files(spec)
+    try:  # an empty or unreadable file, named plainly rather than as the loader's inner error
+        check_data_files(spec, local_data_files(spec))
+    except PreflightError as exc:
+        raise DataError(str(exc)) from None
     try:
         return datasets.load_dataset(path, **kwargs)
     except Exception as exc:  # datasets raises many types; keep the cause, name the spec

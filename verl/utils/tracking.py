@@ -2,8 +2,9 @@
 
 Loggers, chosen by name (`trainer.logger`):
 - `console`: one line per step;
-- `file`: JSON lines in `<output_dir>/metrics.jsonl` and `<output_dir>/generations.jsonl`, and at
-  the end the curves in `<output_dir>/reward_curves.png` (verl/utils/plot_metrics.py);
+- `file`: JSON lines in `<output_dir>/metrics.jsonl`, `<output_dir>/generations.jsonl` and
+  `<output_dir>/rows.jsonl` (the dataset rows each step trained on, with their hash), and at the end
+  the curves in `<output_dir>/reward_curves.png` (verl/utils/plot_metrics.py);
 - `wandb`: a Weights & Biases run (set `WANDB_MODE=offline` to log without an account);
 - `tensorboard`: event files in `<output_dir>/tensorboard`;
 - `swanlab`: a SwanLab run (optional package `swanlab`).
@@ -15,6 +16,7 @@ subclass decorated with `@register_logger("name")`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -51,6 +53,9 @@ class Logger:
 
     def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
         raise NotImplementedError(f"{type(self).__name__}.log_generations")
+
+    def log_rows(self, rows: list[int], step: int) -> None:
+        """The dataset rows (indices) a step trained on; only the file logger keeps them."""
 
     def finish(self) -> None:
         """Flush and close; backends that hold nothing open keep this no-op."""
@@ -100,6 +105,7 @@ class FileLogger(Logger):
         os.makedirs(run.output_dir, exist_ok=True)
         self.metrics_path = os.path.join(run.output_dir, "metrics.jsonl")
         self.generations_path = os.path.join(run.output_dir, "generations.jsonl")
+        self.rows_path = os.path.join(run.output_dir, "rows.jsonl")
         # The step to resume from is known only at the first write.
         self._drop_replayed_steps = run.resume
 
@@ -124,10 +130,15 @@ class FileLogger(Logger):
         if out is not None:
             _log.info("curves: %s", out)
 
+    def log_rows(self, rows: list[int], step: int) -> None:
+        # The hash makes two runs' accounts comparable at a glance; the ids prove which rows.
+        digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+        self._append(self.rows_path, [{"step": step, "rows": rows, "sha256": digest}], step)
+
     def _append(self, path: str, records: list[dict[str, Any]], step: int) -> None:
         if self._drop_replayed_steps:
             self._drop_replayed_steps = False
-            for logged_path in (self.metrics_path, self.generations_path):
+            for logged_path in (self.metrics_path, self.generations_path, self.rows_path):
                 _keep_steps_before(logged_path, step)
         with open(path, "a") as file:
             file.writelines(json.dumps(record, default=_json_value) + "\n" for record in records)
@@ -275,6 +286,13 @@ class Tracker:
                 raise ValueError(f"Tracker.log_generations: row {i} has keys {list(row)}, row 0 has {columns}")
         for logger in self.loggers:
             logger.log_generations(rows, step)
+
+    def log_rows(self, rows: list[int], step: int) -> None:
+        """Log which dataset rows (indices, one per prompt trained on) a step used, so a resumed run
+        can be shown to neither skip nor repeat data."""
+        ids = [int(row) for row in rows]
+        for logger in self.loggers:
+            logger.log_rows(ids, step)
 
     def finish(self) -> None:
         """Flush and close every logger (call once, at the end of training)."""

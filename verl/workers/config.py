@@ -14,7 +14,7 @@ from typing import Any
 
 from verl.algorithms.core_algos import LOSS_AGG_MODES, POLICY_LOSSES
 from verl.models.loading import ATTN_IMPLEMENTATIONS, DTYPES
-from verl.reward.function import REWARD_TYPES
+from verl.reward.function import BAD_SAMPLE_POLICIES, REWARD_TYPES
 from verl.utils.config import require, require_choice
 from verl.workers.optimizer import LR_SCHEDULES, OPTIMIZERS
 from verl.workers.rollout import ROLLOUT_ENGINES
@@ -292,8 +292,14 @@ class RewardConfig:
     reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to the reward function."""
     skip_special_tokens: bool = True
+    on_bad_sample: str = "error"
+    """A training sample whose reward fails (the function raises on it, or returns a non-finite or
+    non-numeric value): `error` stops the run naming the sample (row index, uid, question, value);
+    `drop_group` leaves that sample's whole group out of the step and counts it in
+    `reward/dropped_groups`. Never trained on either way."""
 
     def check(self, prefix: str) -> None:
+        require_choice(self.on_bad_sample, BAD_SAMPLE_POLICIES, f"{prefix}.on_bad_sample")
         require(
             ":" in self.reward_function, f"{prefix}.reward_function", "must look like path/to/file.py:function_name"
         )
