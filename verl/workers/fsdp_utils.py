@@ -296,7 +296,10 @@ def save_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     if weights:
         state["model"] = get_model_state_dict(model)
-    dcp.save(state, checkpoint_id=path)
+    with warnings.catch_warnings():
+        # One plain process writing the layout every worker count reads is intended; torch warns about it.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=path)
 
 
 def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: bool = True) -> None:
