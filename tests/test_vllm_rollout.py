@@ -201,26 +201,6 @@ def test_output_follows_the_actor_after_an_optimizer_step(worker, prompts, long_
 
 @pytest.mark.vllm_cpu
 @needs_vllm
-def test_a_lora_actor_is_followed_through_its_merged_weights(tiny_world, prompts):
-    """The engine receives W + scale * B @ A under the base names after each adapter update, so it
-    samples what the hf engine samples on the live adapted module."""
-    worker = make_worker(tiny_world, lora_rank=4)
-    assert worker.peft_model is not None
-    before = generate(worker, prompts, temperature=0.0)
-    assert_same_rollout(before, hf_generate(worker, prompts, temperature=0.0))
-    batch = generate(worker, prompts, n=4, temperature=1.0, seed=1)
-    batch.meta_info.update(temperature=1.0, mini_batch_size=len(batch))
-    batch = batch.union(worker.compute_log_probs(batch))
-    batch.batch["advantages"] = torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3] * 16)[:, None] * batch.batch["response_mask"]
-    for _ in range(3):
-        worker.update_actor(batch)
-    after = generate(worker, prompts, temperature=0.0)
-    assert not torch.equal(before.batch["responses"], after.batch["responses"])  # the adapters changed the policy
-    assert_same_rollout(after, hf_generate(worker, prompts, temperature=0.0))
-
-
-@pytest.mark.vllm_cpu
-@needs_vllm
 def test_suppressed_tokens_are_never_sampled(worker, prompts):
     """The logit bias that keeps image tokens out of responses (the text model has none: borrow the
     token greedy decoding picks first)."""
@@ -259,6 +239,29 @@ def test_a_weight_that_lands_nowhere_is_an_error(worker, prompts):
     with pytest.raises(RuntimeError, match="before sync_weights"):
         worker.rollout.generate(copy.copy(prompts), SamplingParams(temperature=0.0))
     generate(worker, prompts, temperature=0.0)  # a full sync makes the engine usable again
+
+
+@pytest.mark.vllm_cpu
+@needs_vllm
+def test_a_lora_actor_is_followed_through_its_merged_weights(tiny_world, prompts):
+    """The engine receives W + scale * B @ A under the base names after each adapter update, so it
+    samples what the hf engine samples on the live adapted module.
+
+    It builds a second engine in this process; tearing that down resets vLLM's process-wide parallel
+    state, so it runs after every test of the module's shared `worker`."""
+    worker = make_worker(tiny_world, lora_rank=4)
+    assert worker.peft_model is not None
+    before = generate(worker, prompts, temperature=0.0)
+    assert_same_rollout(before, hf_generate(worker, prompts, temperature=0.0))
+    batch = generate(worker, prompts, n=4, temperature=1.0, seed=1)
+    batch.meta_info.update(temperature=1.0, mini_batch_size=len(batch))
+    batch = batch.union(worker.compute_log_probs(batch))
+    batch.batch["advantages"] = torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3] * 16)[:, None] * batch.batch["response_mask"]
+    for _ in range(3):
+        worker.update_actor(batch)
+    after = generate(worker, prompts, temperature=0.0)
+    assert not torch.equal(before.batch["responses"], after.batch["responses"])  # the adapters changed the policy
+    assert_same_rollout(after, hf_generate(worker, prompts, temperature=0.0))
 
 
 @pytest.mark.vllm_cpu
