@@ -103,12 +103,15 @@ def build_trainer(config: PPOConfig):
 
 def build_val_reward(config: PPOConfig) -> Any:
     """The reward function scoring validation (`worker.val_reward`), or None to use the training one."""
-    from verl.reward import RewardFunction
-
     val_cfg = config.worker.val_reward
     if val_cfg is None:
         return None
-    return RewardFunction(val_cfg.reward_function, val_cfg.reward_function_kwargs, val_cfg.reward_type)
+    return load_reward_function(
+        "worker.val_reward.reward_function",
+        val_cfg.reward_function,
+        val_cfg.reward_function_kwargs,
+        val_cfg.reward_type,
+    )
 
 
 def preflight(checkpoint_root: str, model_path: str | None, data: dict[str, list[str]]) -> None:
@@ -160,32 +163,23 @@ def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, An
 
 def check_ppo_config(config: PPOConfig) -> str:
     """What a GRPO run would find wrong before its first step, found without loading a model, data or
-    devices: the reward function loads and fits its arguments, the rollout engine exists, the
-    self-reward stage has its template. Same constructors as `build_trainer`, so the checks cannot
+    devices: the reward functions load and fit their arguments, the self-reward stage has its template. Same constructors as `build_trainer`, so the checks cannot
     drift from the run. Returns a one-line summary; raises ConfigError naming the key."""
     import re
 
     from jinja2 import TemplateError
 
-    from verl.reward import RewardFunction, RewardFunctionError
     from verl.trainer.self_reward import SelfRewardStage
-    from verl.workers.rollout import get_rollout_engine
 
+    # The rollout engine's name is checked at load against the engine registry (RolloutConfig.check).
     reward_cfg = config.worker.reward
-    try:
-        reward_fn = RewardFunction(
-            reward_cfg.reward_function, reward_cfg.reward_function_kwargs, reward_cfg.reward_type
-        )
-    except RewardFunctionError as exc:
-        raise ConfigError(f"config key `worker.reward.reward_function`: {exc}") from None
-    try:
-        build_val_reward(config)
-    except RewardFunctionError as exc:
-        raise ConfigError(f"config key `worker.val_reward.reward_function`: {exc}") from None
-    try:
-        get_rollout_engine(config.worker.rollout.name)
-    except ValueError as exc:
-        raise ConfigError(f"config key `worker.rollout.name`: {exc}") from None
+    reward_fn = load_reward_function(
+        "worker.reward.reward_function",
+        reward_cfg.reward_function,
+        reward_cfg.reward_function_kwargs,
+        reward_cfg.reward_type,
+    )
+    build_val_reward(config)
     try:
         # The stage keeps the tokenizer only for later prompts; its checks need none.
         stage = SelfRewardStage(config.self_reward, None, reward_fn.needs_description_answers)
