@@ -8,8 +8,10 @@ at the largest length and n, and smaller settings take the first columns / sampl
 variant scores exactly the same tokens.
 
 Variants: plain (full logits, fixed micro-batches, separate old-log-prob pass); each feature alone
-(chunked log-probs, on-policy shortcut, token-budget micro-batches); all on (the defaults plus
-dynamic batching).
+(chunked log-probs, on-policy shortcut, token-budget micro-batches); packed (padding-free rows in
+token-budget micro-batches); all on (the defaults plus dynamic batching and padding-free). On CPU
+the packed rows attend through sdpa with a block-diagonal mask, whose cost grows with the square of
+a micro-batch's tokens; flash-attention's variable-length kernel on GPU has no such cost.
 
 Usage: OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/benchmark_scaling.py [--quick]
 """
@@ -36,11 +38,12 @@ from verl.workers.fsdp_worker import ActorRolloutRefWorker  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
-    "plain": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": False},
-    "chunked": {"logprob_chunk_size": 256, "on_policy": False, "dynamic_batching": False},
-    "on_policy": {"logprob_chunk_size": 0, "on_policy": True, "dynamic_batching": False},
-    "dynamic": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True},
-    "all_on": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": True},
+    "plain": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": False, "padding_free": False},
+    "chunked": {"logprob_chunk_size": 256, "on_policy": False, "dynamic_batching": False, "padding_free": False},
+    "on_policy": {"logprob_chunk_size": 0, "on_policy": True, "dynamic_batching": False, "padding_free": False},
+    "dynamic": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True, "padding_free": False},
+    "packed": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True, "padding_free": True},
+    "all_on": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": True, "padding_free": True},
 }
 
 
@@ -107,6 +110,7 @@ def time_step(worker: ActorRolloutRefWorker, data: DataProto, variant: dict) -> 
     actor_cfg = worker.config.actor
     actor_cfg.logprob_chunk_size = variant["logprob_chunk_size"]
     actor_cfg.dynamic_batching = variant["dynamic_batching"]
+    actor_cfg.padding_free = variant["padding_free"]
     times: dict[str, float] = {"old": 0.0}
     batch = data
     if not variant["on_policy"]:

@@ -1,6 +1,7 @@
 """The actor's throughput features against the plain path, on the tiny Qwen2.5-VL worker with mixed
 image/text rows of unequal lengths: chunked log-probs (`logprob_chunk_size`), token-budget
-micro-batches (`dynamic_batching`) and the on-policy shortcut (no separate old-log-prob pass).
+micro-batches (`dynamic_batching`), packed rows (`padding_free`) and the on-policy shortcut (no
+separate old-log-prob pass).
 
 Each variant runs on a fresh worker with the same seed and weights, one update with plain SGD (so
 the weight change is the clipped gradient itself). fp32 on CPU: the variants differ from the plain
@@ -153,6 +154,32 @@ def test_token_budget_micro_batches_match_fixed_size_ones(tiny_world, batch, pla
     torch.testing.assert_close(dynamic["log_probs"], plain["log_probs"], rtol=RTOL, atol=1e-6)
     torch.testing.assert_close(dynamic["entropy"], plain["entropy"], rtol=RTOL, atol=1e-6)
     assert_same_step(dynamic, plain)
+
+
+def test_padding_free_token_budget_step_equals_the_padded_fixed_size_step(tiny_world, batch, plain):
+    # Everything on at once: packed micro-batches formed by a token budget, chunked log-probs, and
+    # the update's log-probs as the old ones. Same log-probs at every real slot, same step.
+    budget = int(batch.batch["attention_mask"].sum(-1).max()) * 3
+    packed = run_step(
+        tiny_world,
+        batch,
+        logprob_chunk_size=7,
+        padding_free=True,
+        dynamic_batching=True,
+        max_token_len_per_gpu=budget,
+    )
+    mask = batch.batch["response_mask"].bool()
+    torch.testing.assert_close(packed["log_probs"][mask], plain["log_probs"][mask], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(packed["entropy"][mask], plain["entropy"][mask], rtol=RTOL, atol=1e-6)
+    assert_same_step(packed, plain)
+
+
+def test_padding_free_with_the_full_kl_matches(tiny_world, batch):
+    # kl_penalty=full: the update keeps whole distributions of the packed rows, and the reference
+    # forward inside the update is packed too.
+    padded = run_step(tiny_world, batch, logprob_chunk_size=0, kl_penalty="full")
+    packed = run_step(tiny_world, batch, logprob_chunk_size=0, kl_penalty="full", padding_free=True)
+    assert_same_step(packed, padded)
 
 
 def test_on_policy_shortcut_gives_the_same_step_as_the_separate_pass(tiny_world, batch):

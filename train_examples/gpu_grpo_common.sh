@@ -39,7 +39,12 @@ MICRO_BATCH_EXPERIENCE=${MICRO_BATCH_EXPERIENCE:-$micro_experience}
 # MAX_MODEL_LEN null (prompt + response = 14848), not the original's 8192: vLLM refuses 8192..12800-token prompts.
 # MAX_NUM_BATCHED_TOKENS 15000 as the original: without chunked prefill vLLM needs it >= max_model_len.
 # worker.ref.offload.offload_params: the original's FSDP CPU offload of the reference model.
+# PADDING_FREE: packed rows with token-budget micro-batches when flash-attn is installed (its variable-length
+#   kernel); with sdpa they would share one quadratic mask, so it is off there (not in the original).
 # LOGGERS [console,file], not the original's [console]: file keeps metrics.jsonl; add wandb after `wandb login`.
+if [[ -z "${PADDING_FREE:-}" ]]; then
+  if "$PYTHON" -c "import flash_attn" >/dev/null 2>&1; then PADDING_FREE=true; else PADDING_FREE=false; fi
+fi
 "$PYTHON" -m verl.trainer.main config=examples/config.yaml \
   data.train_files="$TRAIN_FILES" \
   data.val_files="$VAL_FILES" \
@@ -58,6 +63,8 @@ MICRO_BATCH_EXPERIENCE=${MICRO_BATCH_EXPERIENCE:-$micro_experience}
   worker.actor.micro_batch_size_per_device_for_update="${MICRO_BATCH_UPDATE:-$micro_update}" \
   worker.actor.micro_batch_size_per_device_for_experience="$MICRO_BATCH_EXPERIENCE" \
   worker.actor.max_grad_norm=1.0 \
+  worker.actor.padding_free="$PADDING_FREE" \
+  worker.actor.dynamic_batching="$PADDING_FREE" \
   worker.actor.clip_ratio_low=0.2 \
   worker.actor.clip_ratio_high=0.3 \
   worker.actor.clip_ratio_dual=3.0 \

@@ -250,3 +250,31 @@ def response_log_probs(
     tokens = responses.to(hidden.device).reshape(-1)
     log_probs, entropy = chunked_log_probs(hidden, weight, tokens, temperature, chunk_size, with_entropy)
     return log_probs.view(batch, length), (entropy.view(batch, length) if entropy is not None else None)
+
+
+def selected_log_probs(
+    model: torch.nn.Module,
+    forward_kwargs: dict[str, Any],
+    predictor_index: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (M,) of `tokens` predicted at sequence positions `predictor_index` of a one-row forward.
+
+    For packed (padding-free) inputs (verl.models.packing): `forward_kwargs` hold one (1, N)
+    sequence and the model keeps the hidden states of the M predicting positions only
+    (`logits_to_keep` given as indices). Same values, dtypes and memory bound as `response_log_probs`.
+    """
+    if "logits_to_keep" in forward_kwargs or "labels" in forward_kwargs:
+        raise ValueError("selected_log_probs sets logits_to_keep itself and cannot take labels")
+    with capture_lm_head_input(model) as captured:
+        model(**forward_kwargs, logits_to_keep=predictor_index)
+    hidden, weight = captured.single()
+    if hidden.shape[:2] != (1, predictor_index.numel()):
+        raise RuntimeError(
+            f"the LM head saw hidden states {tuple(hidden.shape)}, expected (1, {predictor_index.numel()}, H): "
+            "does this model honour logits_to_keep given as indices?"
+        )
+    return chunked_log_probs(hidden[0], weight, tokens.to(hidden.device), temperature, chunk_size, with_entropy)

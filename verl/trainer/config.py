@@ -404,9 +404,6 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
         "see algorithm.filter_low: only the default 0.99 (or online_filtering off)",
         accepts=_filter_window_edge(0.99),
     ),
-    "worker.actor.padding_free": no_op(
-        "accepted: sequences are padded here; the log-probs and the update are the same either way"
-    ),
     "worker.actor.ulysses_size": _SEQUENCE_PARALLEL,
     "worker.actor.ulysses_sequence_parallel_size": _SEQUENCE_PARALLEL,
     "worker.actor.fsdp.enable_cpu_offload": _cpu_offload("worker.actor", optimizer=True),

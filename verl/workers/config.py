@@ -172,6 +172,12 @@ class ActorConfig:
     pass and use the detached log-probs of the update's own forward (ratio exactly 1). Falls back to
     the separate pass when something before the update needs old log-probs (the KL penalty in the
     reward: algorithm.use_kl_loss=false with KL on)."""
+    padding_free: bool = False
+    """Pack each micro-batch's real tokens into one sequence with no padding (old/ref log-probs and
+    update); the values and the gradient are those of the padded path. Pays off with
+    model.attn_implementation=flash_attention_2 (variable-length kernels on GPU); with sdpa or eager
+    the rows share one block-diagonal mask whose cost grows with the square of the micro-batch's
+    token count, so keep it off there or bound micro-batches by dynamic_batching."""
     dynamic_batching: bool = False
     """Form micro-batches (old/ref log-probs and update) by a token budget per device,
     `max_token_len_per_gpu`, instead of a fixed row count; consecutive rows, so the results and the

@@ -124,6 +124,13 @@ class ActorRolloutRefWorker:
         """The policy weights as the actor (trainable) or the reference (frozen), sharded when distributed."""
         model_cfg = self.config.actor.model
         attn = resolve_attn_implementation(model_cfg.attn_implementation, self.device)
+        if trainable and self.config.actor.padding_free and self.device.type == "cuda" and attn != "flash_attention_2":
+            logger.warning(
+                "worker.actor.padding_free with attn_implementation=%s: packed rows attend through one "
+                "block-diagonal mask whose memory and time grow with the square of a micro-batch's tokens; "
+                "install flash-attn (bash setup.sh --gpu) or bound micro-batches with worker.actor.dynamic_batching",
+                attn,
+            )
 
         def prepare(model: torch.nn.Module) -> None:
             model.requires_grad_(trainable)

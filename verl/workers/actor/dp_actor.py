@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 from verl.algorithms import core_algos
-from verl.models.logprobs import response_log_probs
+from verl.models.logprobs import response_log_probs, selected_log_probs
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
+from verl.models.packing import PackedRows, pack_rows
 from verl.protocol import DataProto
 from verl.workers import fsdp_utils
 from verl.workers.actor.micro_batches import micro_batches
@@ -21,34 +22,55 @@ from verl.workers.config import ActorConfig
 from verl.workers.optimizer import clip_and_step
 
 
-def _forward_inputs(model: torch.nn.Module, micro: DataProto) -> dict[str, Any]:
-    """The model's keyword inputs for a micro-batch, on the model's device."""
+def _forward_inputs(
+    model: torch.nn.Module, micro: DataProto, padding_free: bool = False
+) -> tuple[dict[str, Any], PackedRows | None]:
+    """The model's keyword inputs for a micro-batch, on the model's device, and its packed form if asked.
+
+    Padding-free (verl.models.packing): one (1, N) sequence of the rows' real tokens, no attention mask.
+    """
     position_ids = micro.batch["position_ids"]
-    if position_ids.dim() == 3:  # stored (b, 3, L); Qwen-VL expects (3, b, L)
-        position_ids = position_ids.transpose(0, 1)
     device = next(model.parameters()).device
     multimodal = {
         k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()
     }
-    return {
+    if padding_free:
+        packed = pack_rows(
+            micro.batch["input_ids"], micro.batch["attention_mask"], position_ids, micro.batch["responses"].shape[1]
+        )
+        inputs = {"input_ids": packed.input_ids.to(device), "attention_mask": None}
+        inputs.update(position_ids=packed.position_ids.to(device), use_cache=False, **multimodal)
+        return inputs, packed
+    if position_ids.dim() == 3:  # stored (b, 3, L); Qwen-VL expects (3, b, L)
+        position_ids = position_ids.transpose(0, 1)
+    inputs = {
         "input_ids": micro.batch["input_ids"].to(device),
         "attention_mask": micro.batch["attention_mask"].to(device),
         "position_ids": position_ids.to(device),
         "use_cache": False,
         **multimodal,
     }
+    return inputs, None
 
 
 def forward_response_logits(
-    model: torch.nn.Module, micro: DataProto, temperature: float
+    model: torch.nn.Module, micro: DataProto, temperature: float, padding_free: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (b, T, V) predicting each response token, scaled by the sampling temperature, and the tokens."""
+    """Logits (b, T, V) predicting each response token, scaled by the sampling temperature, and the tokens.
+
+    Padding-free, the logits at padded response slots are zeros (the padded path leaves values there
+    that every consumer masks out).
+    """
     responses = micro.batch["responses"]
     response_length = responses.shape[1]
-    inputs = _forward_inputs(model, micro)
+    inputs, packed = _forward_inputs(model, micro, padding_free)
     reset_rope_cache(model)
-    output = model(**inputs, logits_to_keep=response_length + 1)
-    logits = output.logits[:, :-1, :].float()
+    if packed is not None:
+        output = model(**inputs, logits_to_keep=packed.predictor_index.to(inputs["input_ids"].device))
+        logits = packed.unpack(output.logits[0].float())
+    else:
+        output = model(**inputs, logits_to_keep=response_length + 1)
+        logits = output.logits[:, :-1, :].float()
     if temperature > 0:
         logits = logits / temperature
     return logits, responses.to(logits.device)
@@ -65,23 +87,43 @@ def forward_response_log_probs(
     chunk_size: int,
     with_entropy: bool,
     keep_logits: bool = False,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs (b, T) of the response tokens, their entropy (b, T) when asked, and the logits when kept.
 
     `chunk_size` > 0 applies the LM head in token chunks (verl.models.logprobs): the (b, T, V) fp32
     logits are never built and the memory stays flat in the response length. `chunk_size` == 0 or
     `keep_logits` (the full-distribution KL needs them) takes the plain full-logits path.
+    `padding_free` packs the rows' real tokens into one sequence (verl.models.packing); values at
+    padded response slots are then zeros, and every real slot equals the padded path's.
     """
     if chunk_size > 0 and not keep_logits:
-        inputs = _forward_inputs(model, micro)
+        inputs, packed = _forward_inputs(model, micro, padding_free)
         reset_rope_cache(model)
-        log_probs, entropy = response_log_probs(
-            model, inputs, micro.batch["responses"], temperature, chunk_size, with_entropy
+        if packed is None:
+            log_probs, entropy = response_log_probs(
+                model, inputs, micro.batch["responses"], temperature, chunk_size, with_entropy
+            )
+            return log_probs, entropy, None
+        device = inputs["input_ids"].device
+        log_probs, entropy = selected_log_probs(
+            model,
+            inputs,
+            packed.predictor_index.to(device),
+            packed.response_tokens,
+            temperature,
+            chunk_size,
+            with_entropy,
         )
-        return log_probs, entropy, None
-    logits, tokens = forward_response_logits(model, micro, temperature)
+        return packed.unpack(log_probs), (packed.unpack(entropy) if entropy is not None else None), None
+    logits, tokens = forward_response_logits(model, micro, temperature, padding_free)
+    log_probs = token_log_probs(logits, tokens)
     entropy = core_algos.entropy_from_logits(logits) if with_entropy else None
-    return token_log_probs(logits, tokens), entropy, (logits if keep_logits else None)
+    if padding_free:  # zeros at padded slots, as on the chunked path
+        padded_slots = ~micro.batch["attention_mask"][:, -tokens.shape[1] :].bool().to(log_probs.device)
+        log_probs = log_probs.masked_fill(padded_slots, 0.0)
+        entropy = entropy.masked_fill(padded_slots, 0.0) if entropy is not None else None
+    return log_probs, entropy, (logits if keep_logits else None)
 
 
 ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy_rollout")
@@ -122,7 +164,12 @@ class DataParallelActor:
         try:
             for micro in self._micro_batches(data, micro_batch_size):
                 micro_log_probs, entropy, _ = forward_response_log_probs(
-                    self.model, micro, temperature, self.config.logprob_chunk_size, with_entropy
+                    self.model,
+                    micro,
+                    temperature,
+                    self.config.logprob_chunk_size,
+                    with_entropy,
+                    padding_free=self.config.padding_free,
                 )
                 log_probs.append(micro_log_probs.cpu())
                 if with_entropy:
@@ -181,7 +228,13 @@ class DataParallelActor:
         mask = micro.batch["response_mask"].float()
         full_kl = cfg.use_kl_loss and cfg.kl_penalty == "full"
         log_probs, entropy, logits = forward_response_log_probs(
-            self.model, micro, temperature, cfg.logprob_chunk_size, with_entropy=True, keep_logits=full_kl
+            self.model,
+            micro,
+            temperature,
+            cfg.logprob_chunk_size,
+            with_entropy=True,
+            keep_logits=full_kl,
+            padding_free=cfg.padding_free,
         )
         device = log_probs.device
         mask = mask.to(device)
@@ -229,7 +282,7 @@ class DataParallelActor:
             if self.ref_model is None:
                 raise RuntimeError("algorithm.kl_penalty=full needs the reference model inside the actor update")
             with torch.no_grad():
-                ref_logits, _ = forward_response_logits(self.ref_model, micro, temperature)
+                ref_logits, _ = forward_response_logits(self.ref_model, micro, temperature, self.config.padding_free)
             return core_algos.full_kl(logits, ref_logits)
         ref_log_probs = micro.batch["ref_log_probs"].to(log_probs.device)
         return core_algos.kl_penalty(log_probs, ref_log_probs, self.config.kl_penalty)

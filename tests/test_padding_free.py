@@ -1,0 +1,140 @@
+"""Padding-free forwards (`worker.actor.padding_free`) against the padded path.
+
+Packing (verl.models.packing) concatenates the rows' real tokens into one sequence whose positions
+restart at each row; on CPU transformers turns that into a block-diagonal causal mask for sdpa. On
+the three tiny-world models (Qwen2.5-VL, Qwen2-VL, text Qwen2), with image and text rows of unequal
+prompt and response lengths, the log-probs, the entropy and the gradient of a loss over them equal
+the padded path's within 1e-5 relative (fp32; only summation order differs). The full worker step
+with padding-free micro-batches is compared in tests/test_actor_throughput.py.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+from verl.models.loading import load_tokenizer_and_processor
+from verl.models.packing import pack_rows
+from verl.protocol import DataProto
+from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
+from verl.workers.actor.dp_actor import forward_response_log_probs
+from verl.workers.rollout.base import rollout_output
+
+ROOT = Path(__file__).resolve().parent.parent
+RTOL = 1e-5
+
+
+# --- packing, no model ---------------------------------------------------------------------------
+def test_pack_rows_keeps_real_tokens_and_points_each_response_token_at_its_predictor():
+    pad = 0
+    # Prompt width 3 (left-padded), response width 3 (right-padded).
+    input_ids = torch.tensor([[pad, 11, 12, 21, 22, pad], [13, 14, 15, 23, pad, pad], [pad, pad, 16, 24, 25, 26]])
+    attention_mask = (input_ids != pad).long()
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    packed = pack_rows(input_ids, attention_mask, positions, response_length=3)
+    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 13, 14, 15, 23, 16, 24, 25, 26]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]]
+    assert packed.response_tokens.tolist() == [21, 22, 23, 24, 25, 26]
+    # Each response token is predicted by the packed token right before it, in its own row.
+    flat = packed.input_ids[0]
+    assert flat[packed.predictor_index].tolist() == [12, 21, 15, 16, 24, 25]
+    unpacked = packed.unpack(packed.response_tokens)
+    assert unpacked.tolist() == [[21, 22, 0], [23, 0, 0], [24, 25, 26]]
+
+
+def test_pack_rows_puts_the_text_positions_on_top_of_3d_rope_positions():
+    input_ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 0]])
+    attention_mask = (input_ids != 0).long()
+    rope = torch.arange(2 * 3 * 4).view(2, 3, 4)  # (b, 3, L) as stored
+    packed = pack_rows(input_ids, attention_mask, rope, response_length=1)
+    assert packed.position_ids.shape == (4, 1, 6)
+    assert packed.position_ids[0, 0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert packed.position_ids[1:, 0].tolist() == [
+        [1, 2, 3, 12, 13, 14],
+        [5, 6, 7, 16, 17, 18],
+        [9, 10, 11, 20, 21, 22],
+    ]
+
+
+def test_pack_rows_refuses_layouts_it_cannot_map_back():
+    ids = torch.tensor([[5, 6, 7, 0, 8]])
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_rows(ids, (ids != 0).long(), torch.zeros_like(ids), response_length=3)
+    ids = torch.tensor([[0, 0, 7, 8]])
+    with pytest.raises(ValueError, match="no real prompt token"):
+        pack_rows(ids, (ids != 0).long(), torch.zeros_like(ids), response_length=2)
+
+
+# --- the three tiny-world models ---------------------------------------------------------------
+def mixed_batch(tiny_world: Path, model_name: str, model: torch.nn.Module) -> DataProto:
+    """Prompts of unequal lengths (images and text for Qwen-VL), random responses of unequal lengths."""
+    model_dir = tiny_world / "models" / model_name
+    tokenizer, processor = load_tokenizer_and_processor(str(model_dir))
+    config = PromptDatasetConfig(format_prompt=str(ROOT / "examples/format_prompt/see_think.jinja"))
+    texts = PromptDataset(str(tiny_world / "data/text_sum/val.parquet"), tokenizer, processor, config)
+    if processor is not None:
+        images = PromptDataset(str(tiny_world / "data/digit_sum/val.parquet"), tokenizer, processor, config)
+        rows = [images[0], texts[0], texts[1], images[1], texts[2]]
+    else:
+        rows = [texts[i] for i in range(5)]
+    prompts = collate_prompts(rows, tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(0)
+    width = 12
+    lengths = torch.tensor([12, 3, 7, 1, 10])
+    response_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    # Ordinary text tokens only (ids below the tiny vocabulary's special tokens).
+    responses = torch.randint(3, 200, (5, width), generator=generator)
+    responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    data = rollout_output(model, prompts, responses, response_mask, None, {})
+    assert len(set(data.batch["attention_mask"].sum(-1).tolist())) == 5, "rows should differ in length"
+    return data
+
+
+@pytest.mark.parametrize("model_name", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_path(tiny_world, model_name, chunk_size):
+    model_dir = tiny_world / "models" / model_name
+    model_class = AutoModelForCausalLM if model_name == "qwen2_text" else AutoModelForImageTextToText
+    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    data = mixed_batch(tiny_world, model_name, model)
+    mask = data.batch["response_mask"].bool()
+    # A loss that touches every real slot with a different weight.
+    weights = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask) * mask
+
+    results = {}
+    for padding_free in (False, True):
+        model.zero_grad(set_to_none=True)
+        log_probs, entropy, _ = forward_response_log_probs(
+            model, data, temperature=0.9, chunk_size=chunk_size, with_entropy=True, padding_free=padding_free
+        )
+        ((log_probs * weights).sum() + (entropy * weights).sum() * 0.1).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[padding_free] = (log_probs.detach(), entropy.detach(), grads)
+
+    padded, packed = results[False], results[True]
+    torch.testing.assert_close(packed[0][mask], padded[0][mask], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(packed[1][mask], padded[1][mask], rtol=RTOL, atol=1e-6)
+    assert (packed[0][~mask] == 0).all() and (packed[1][~mask] == 0).all()
+    assert packed[2].keys() == padded[2].keys() and len(padded[2]) > 10
+    for name, grad in padded[2].items():
+        # Relative to the whole tensor: single entries near zero carry summation noise of ~1e-6.
+        error = float((packed[2][name] - grad).norm() / grad.norm().clamp(min=1e-12))
+        assert error < RTOL, f"{name}: relative gradient error {error:.2e}"
+
+
+def test_packing_without_the_restart_would_leak_across_rows(tiny_world):
+    """The equality above is not vacuous: the same packed tokens with running positions (one long
+    sequence, no row boundaries) give different log-probs for every row after the first."""
+    model_dir = tiny_world / "models" / "qwen2_text"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    data = mixed_batch(tiny_world, "qwen2_text", model)
+    width = data.batch["responses"].shape[1]
+    packed = pack_rows(data.batch["input_ids"], data.batch["attention_mask"], data.batch["position_ids"], width)
+    with torch.no_grad():
+        boundaries = model(input_ids=packed.input_ids, position_ids=packed.position_ids).logits[0]
+        running = torch.arange(packed.input_ids.shape[1])[None]
+        leaking = model(input_ids=packed.input_ids, position_ids=running).logits[0]
+    first_row = int(data.batch["attention_mask"][0].sum())
+    torch.testing.assert_close(boundaries[:first_row], leaking[:first_row], rtol=RTOL, atol=1e-6)
+    assert (boundaries[first_row:] - leaking[first_row:]).abs().max() > 1e-3
