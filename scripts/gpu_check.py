@@ -3,7 +3,8 @@
 1. The tiny world end to end on the device (local backend): GRPO steps with the hf engine, and with
    the vllm engine where vLLM is installed; median seconds per stage (scripts/benchmark_grpo.py).
 2. A random-init model of Qwen2.5-VL-3B's shape in bf16, through the real worker (FSDP2, gradient
-   checkpointing, AdamW): the hf engine's tokens/s, then the time and MFU of one actor update.
+   checkpointing, AdamW): the hf engine's tokens/s, then old log-probs and one actor update with
+   padding-free off and on (time, MFU, peak memory, and how far the bf16 log-probs differ).
 3. The shipped GPU script itself (`bash train_examples/2-3b_selfReward_train.sh`, its own settings:
    vLLM rollout with sleep mode, weight sync, self-reward stage, KL with the offloaded reference)
    for 2 GRPO steps on a random-init model of the same 3B shape and the tiny world's image data.
@@ -222,37 +223,56 @@ def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_
         )
 
         rollout.meta_info.update(temperature=1.0, mini_batch_size=len(rollout))
-        start = time.perf_counter()
-        rollout = rollout.union(worker.compute_log_probs(rollout))
-        synchronize(device)
-        print(f"old log-probs (no-grad forward): {time.perf_counter() - start:.2f} s")
+        # Unequal response lengths (50-100% of the generated ones), as real responses have, so that
+        # padding-free has padding to save.
+        keep = (new_tokens * (0.5 + 0.5 * torch.rand(len(rollout), generator=generator))).long()
+        cut = torch.arange(rollout.batch["responses"].shape[1])[None, :] >= keep[:, None]
+        rollout.batch["response_mask"] = rollout.batch["response_mask"].masked_fill(cut, 0)
+        rollout.batch["attention_mask"] = rollout.batch["attention_mask"].clone()
+        rollout.batch["attention_mask"][:, -cut.shape[1] :] = rollout.batch["response_mask"]
+        mask = rollout.batch["response_mask"].bool()
         advantages = torch.randn(len(rollout), 1, generator=generator)
         rollout.batch["advantages"] = advantages * rollout.batch["response_mask"]
-        worker.update_actor(rollout)  # warm-up: allocates gradients and optimizer states
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        synchronize(device)
-        start = time.perf_counter()
-        metrics = worker.update_actor(rollout).meta_info["metrics"]
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        flops = update_flops(worker.model.config, rollout)
-        peak = peak_flops(device)
-        mfu = (
-            f"{flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"
-            if peak
-            else "n/a (peak of this device unknown)"
-        )
-        tokens = int(rollout.batch["attention_mask"].sum())
-        print(
-            f"actor update: {len(rollout)} sequences, {tokens} tokens, {seconds:.2f} s, "
-            f"{flops / 1e12:.1f} TFLOP -> {flops / seconds / 1e12:.1f} TFLOP/s, MFU {mfu}"
-        )
-        print(
-            f"actor update grad norm: {metrics['actor/grad_norm']:.3g} (finite: {math.isfinite(metrics['actor/grad_norm'])})"
-        )
-        if device == "cuda":
-            print(f"peak GPU memory during the update: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(f"attention: {worker.model.config._attn_implementation}")
+
+        log_probs = {}
+        for padding_free in (False, True):
+            worker.config.actor.padding_free = padding_free
+            synchronize(device)
+            start = time.perf_counter()
+            log_probs[padding_free] = worker.compute_log_probs(rollout).batch["old_log_probs"]
+            synchronize(device)
+            print(f"old log-probs (no-grad forward), padding_free={padding_free}: {time.perf_counter() - start:.2f} s")
+        difference = (log_probs[True] - log_probs[False])[mask].abs().max()
+        print(f"padding-free vs padded log-probs, bf16: max |difference| {float(difference):.3g}")
+        rollout.batch["old_log_probs"] = log_probs[False]
+
+        for padding_free in (False, True):
+            worker.config.actor.padding_free = padding_free
+            worker.update_actor(rollout)  # warm-up: allocates gradients and optimizer states
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            start = time.perf_counter()
+            metrics = worker.update_actor(rollout).meta_info["metrics"]
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            flops = update_flops(worker.model.config, rollout)
+            peak = peak_flops(device)
+            mfu = (
+                f"{flops / seconds / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"
+                if peak
+                else "n/a (peak of this device unknown)"
+            )
+            tokens = int(rollout.batch["attention_mask"].sum())
+            print(
+                f"actor update, padding_free={padding_free}: {len(rollout)} sequences, {tokens} real tokens, "
+                f"{seconds:.2f} s, {flops / 1e12:.1f} TFLOP -> {flops / seconds / 1e12:.1f} TFLOP/s, MFU {mfu}"
+            )
+            grad_norm = metrics["actor/grad_norm"]
+            print(f"actor update grad norm: {grad_norm:.3g} (finite: {math.isfinite(grad_norm)})")
+            if device == "cuda":
+                print(f"peak GPU memory during the update: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 # --- part 3: the shipped GPU script, 2 steps ------------------------------------------------------
