@@ -117,8 +117,8 @@ def import_openai() -> ModuleType:
     return openai
 
 
-# The SDK refuses to build a client without some key; a server that wants none ignores this one.
-# It is sent only as a placeholder, and only when JUDGE_API_KEY is unset.
+# The SDK refuses to build a client without some key. With no JUDGE_API_KEY it gets this
+# placeholder, and every request then leaves the Authorization header out.
 _NO_KEY_PLACEHOLDER = "no-key"
 
 
@@ -146,6 +146,7 @@ class OpenAISDKJudge:
         self._openai = openai
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self._request_headers = {} if api_key else {"Authorization": openai.Omit()}
         self._client = openai.OpenAI(
             base_url=self.base_url,  # explicit, so OPENAI_BASE_URL is never used
             api_key=api_key or _NO_KEY_PLACEHOLDER,  # explicit, so OPENAI_API_KEY is never sent
@@ -163,7 +164,10 @@ class OpenAISDKJudge:
         where = f"{self.base_url}/chat/completions"
         try:
             completion = self._client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0
+                model=self.model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                extra_headers=self._request_headers,
             )
         except openai.APIStatusError as error:
             status = error.status_code
