@@ -27,6 +27,7 @@ from judge import (
     JudgeCache,
     JudgeRequestError,
     OpenAICompatibleJudge,
+    OpenAISDKJudge,
     build_judge_prompt,
     load_python_judge,
     parse_verdict,
@@ -169,6 +170,9 @@ def grade_dir(input_dir: Path, output_dir: Path, judge: Judge | None, concurrenc
     return results
 
 
+JUDGE_KINDS = "openai, openai-sdk, none or python:path/to/file.py:function_name"
+
+
 def build_judge(
     spec: str,
     base_url: str | None,
@@ -178,20 +182,28 @@ def build_judge(
     retry_backoff_s: float,
     allow_insecure_http: bool = False,
 ) -> Judge | None:
-    """The judge a `--judge` value names: "openai", "python:file.py:function", or "none" (None)."""
+    """The judge a `--judge` value names: "openai" (stdlib client), "openai-sdk" (the openai SDK),
+    "python:file.py:function", or "none" (None)."""
     if spec == "none":
         return None
     if spec.startswith("python:"):
         return Judge(spec, load_python_judge(spec), max_retries, retry_backoff_s)
-    if spec == "openai":
+    if spec in ("openai", "openai-sdk"):
         if not base_url or not model:
             raise ValueError(
-                "the openai judge needs a server and a model: pass --judge_base_url and --judge_model "
+                f"the {spec} judge needs a server and a model: pass --judge_base_url and --judge_model "
                 "(or set JUDGE_BASE_URL and JUDGE_MODEL); use --judge none to grade by rules only"
             )
-        client = OpenAICompatibleJudge(base_url, model, os.environ.get(API_KEY_ENV), timeout_s, allow_insecure_http)
+        api_key = os.environ.get(API_KEY_ENV)
+        if spec == "openai-sdk":
+            # The SDK retries failed requests itself (its own backoff, honouring Retry-After), so
+            # the Judge does not retry on top. The name is the model's, as for the stdlib client:
+            # both ask the same server the same thing, so cached replies serve either.
+            sdk_client = OpenAISDKJudge(base_url, model, api_key, timeout_s, max_retries, allow_insecure_http)
+            return Judge(model, sdk_client.generate, max_retries=0, retry_backoff_s=retry_backoff_s)
+        client = OpenAICompatibleJudge(base_url, model, api_key, timeout_s, allow_insecure_http)
         return Judge(model, client.generate, max_retries, retry_backoff_s)
-    raise ValueError(f"--judge must be openai, none or python:path/to/file.py:function_name, got {spec!r}")
+    raise ValueError(f"--judge must be {JUDGE_KINDS}, got {spec!r}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -205,7 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--judge",
         default="openai",
-        help="openai (an OpenAI-compatible server), none (rules only), or python:path/to/file.py:generate "
+        help="openai (an OpenAI-compatible server, stdlib client), openai-sdk (the same server through the "
+        "openai SDK; needs pip install 'vision-sr1[judge]'), none (rules only), or python:path/to/file.py:generate "
         "(a function generate(prompt: str) -> str). Default: openai",
     )
     parser.add_argument(
@@ -222,7 +235,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, default=8, help="judge requests in flight at once")
     parser.add_argument("--max_retries", type=int, default=3, help="retries of a failed judge request")
-    parser.add_argument("--retry_backoff", type=float, default=1.0, help="seconds before the first retry; doubles")
+    parser.add_argument(
+        "--retry_backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first retry; doubles (openai-sdk: the SDK's own backoff)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one judge reply")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_retries < 0 or args.timeout <= 0 or args.retry_backoff < 0:
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             args.allow_insecure_http,
         )
         grade_dir(args.input_dir, args.output_dir, judge, args.concurrency)
-    except (OSError, ValueError) as error:  # bad paths, rows, or judge configuration
+    except (OSError, ValueError, ImportError) as error:  # bad paths, rows, judge configuration, no openai
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

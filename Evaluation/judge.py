@@ -1,12 +1,17 @@
 """The LLM judge: prompt, strict verdict parsing, clients, retries and a resumable cache.
 
-A judge is anything that turns a prompt into a reply (`Judge.generate`). Two kinds ship:
-  - `OpenAICompatibleJudge`: POST {base_url}/chat/completions with the stdlib only; works with a
-    local `vllm serve`, OpenAI, or Gemini's OpenAI-compatible endpoint. The API key comes only
-    from the environment variable JUDGE_API_KEY and is sent only in the Authorization header,
-    never over plain http to a host other than this machine (unless explicitly allowed), and
-    never to the target of a redirect.
+A judge is anything that turns a prompt into a reply (`Judge.generate`). Three kinds ship:
+  - `OpenAICompatibleJudge` (the default): POST {base_url}/chat/completions with the stdlib only;
+    works with a local `vllm serve`, OpenAI, or Gemini's OpenAI-compatible endpoint. The API key
+    comes only from the environment variable JUDGE_API_KEY and is sent only in the Authorization
+    header, never over plain http to a host other than this machine (unless explicitly allowed),
+    and never to the target of a redirect.
+  - `OpenAISDKJudge` (verl/utils/llm_judge.py): the same requests through the openai SDK, under the
+    same key rules; needs the optional dependency group (`pip install 'vision-sr1[judge]'`).
   - `load_python_judge("python:path/to/file.py:generate")`: a user function `generate(prompt) -> str`.
+
+The prompt, verdict parsing and key-transport rules live in verl/utils/llm_judge.py, shared with
+the LLM-judge reward function, and are importable from here too.
 
 Verdicts are parsed strictly: a reply counts as correct only if it is the word CORRECT (or ends
 with the line "Verdict: CORRECT"). Anything else is "unparsed" and never counts as correct.
@@ -14,15 +19,11 @@ with the line "Verdict: CORRECT"). Anything else is "unparsed" and never counts 
 
 import hashlib
 import importlib.util
-import ipaddress
 import json
-import re
-import string
 import sys
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,28 +31,18 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-API_KEY_ENV = "JUDGE_API_KEY"
-
-JUDGE_PROMPT = """You are checking whether a model's answer to a question is right.
-Compare the model's final answer with the reference answer. Equivalent forms count as the same
-answer (e.g. 0.5 and 1/2, or the same value with or without units); a different, incomplete or
-missing answer is wrong.
-
-Question:
-{question}
-
-Reference answer:
-{ground_truth}
-
-Model's answer:
-{answer}
-
-Reply with exactly one word: CORRECT or INCORRECT."""
-
-_VERDICT_LINE = re.compile(r"verdict\s*:\s*(correct|incorrect)", re.IGNORECASE)
-_EDGE_CHARACTERS = string.punctuation + string.whitespace
-# Worth another try: the request timed out, was rate limited, or the server failed.
-_RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+from verl.utils.llm_judge import (  # noqa: F401 (re-exported: the judge's whole interface is importable from here)
+    API_KEY_ENV,
+    JUDGE_PROMPT,
+    OPENAI_MISSING_MESSAGE,
+    RETRYABLE_STATUS,
+    InsecureJudgeURLError,
+    JudgeRequestError,
+    OpenAISDKJudge,
+    check_key_transport,
+    is_local_host,
+    parse_verdict,
+)
 
 
 def build_judge_prompt(row: dict[str, Any], rule_answer: str | None) -> str:
@@ -65,32 +56,6 @@ def build_judge_prompt(row: dict[str, Any], rule_answer: str | None) -> str:
         ground_truth=row["ground_truth"],
         answer=rule_answer if rule_answer is not None else row["response"],
     )
-
-
-def parse_verdict(reply: str) -> str:
-    """'correct', 'incorrect' or 'unparsed' for a judge reply.
-
-    Accepted: the whole reply is one of the two words (case and surrounding punctuation
-    ignored), or its last non-empty line is "Verdict: CORRECT" / "Verdict: INCORRECT".
-    Everything else, e.g. "Maybe correct?" or "The answer is not incorrect", is unparsed.
-    """
-    whole = reply.strip(_EDGE_CHARACTERS).lower()
-    if whole in ("correct", "incorrect"):
-        return whole
-    lines = [line.strip(_EDGE_CHARACTERS) for line in reply.splitlines() if line.strip(_EDGE_CHARACTERS)]
-    if lines:
-        match = _VERDICT_LINE.fullmatch(lines[-1])
-        if match:
-            return match.group(1).lower()
-    return "unparsed"
-
-
-class JudgeRequestError(Exception):
-    """A judge request failed; `retryable` says whether asking again may help."""
-
-    def __init__(self, message: str, retryable: bool):
-        super().__init__(message)
-        self.retryable = retryable
 
 
 @dataclass
@@ -125,45 +90,6 @@ class Judge:
                 return reply
             time.sleep(self.retry_backoff_s * 2**attempt)
             attempt += 1
-
-
-class InsecureJudgeURLError(ValueError):
-    """The judge URL would expose the API key (plain http to another machine) or is not http(s)."""
-
-
-def is_local_host(host: str | None) -> bool:
-    """Whether `host` is this machine: localhost, 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z)."""
-    if not host:
-        return False
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])  # drop an IPv6 zone id
-    except ValueError:
-        return False  # a name: it may resolve anywhere
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
-def check_key_transport(base_url: str, api_key: str | None, allow_insecure_http: bool = False) -> None:
-    """Raise InsecureJudgeURLError unless `base_url` is http(s), and the key, if any, would travel
-    encrypted or stay on this machine. Checked before any request, so a refused key never leaves.
-
-    Plain http to another host sends the key in clear text to anyone on the network path;
-    `allow_insecure_http` is for a trusted network (e.g. a judge server inside a private cluster).
-    """
-    parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InsecureJudgeURLError(
-            f"judge base URL {base_url!r} must start with http:// or https:// and name a host, "
-            "e.g. http://localhost:8000/v1"
-        )
-    if api_key and parts.scheme == "http" and not is_local_host(parts.hostname) and not allow_insecure_http:
-        raise InsecureJudgeURLError(
-            f"refusing to send the judge API key ({API_KEY_ENV}) over plain http to {parts.hostname}: anyone on "
-            "the network path could read it. Use an https:// URL, a server on this machine (localhost, "
-            "127.0.0.0/8, ::1), or pass --allow_insecure_http if the network is trusted."
-        )
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -214,7 +140,7 @@ class OpenAICompatibleJudge:
         except urllib.error.HTTPError as error:
             detail = error.read()[:200].decode(errors="replace")
             raise JudgeRequestError(
-                f"{self.url}: HTTP {error.code}: {detail}", retryable=error.code in _RETRYABLE_STATUS
+                f"{self.url}: HTTP {error.code}: {detail}", retryable=error.code in RETRYABLE_STATUS
             ) from error
         except (OSError, HTTPException) as error:  # timeouts, refused connections, dropped replies
             raise JudgeRequestError(f"{self.url}: {type(error).__name__}: {error}", retryable=True) from error
