@@ -178,6 +178,11 @@ class ActorConfig:
     model.attn_implementation=flash_attention_2 (variable-length kernels on GPU); with sdpa or eager
     the rows share one block-diagonal mask whose cost grows with the square of the micro-batch's
     token count, so keep it off there or bound micro-batches by dynamic_batching."""
+    shared_prompt: bool = False
+    """Encode each GRPO group's prompt (vision tower included) once per micro-batch and run its
+    responses against the prompt's key/value cache, in the old/ref log-prob passes and in the
+    update (the update only without gradient checkpointing, which drops caches). Values and
+    gradients equal the plain path's. Not together with padding_free."""
     dynamic_batching: bool = False
     """Form micro-batches (old/ref log-probs and update) by a token budget per device,
     `max_token_len_per_gpu`, instead of a fixed row count; consecutive rows, so the results and the
@@ -209,6 +214,11 @@ class ActorConfig:
         )
         require(self.logprob_chunk_size >= 0, f"{prefix}.logprob_chunk_size", "must be >= 0 (0: full logits)")
         require(self.max_token_len_per_gpu > 0, f"{prefix}.max_token_len_per_gpu", "must be positive")
+        require(
+            not (self.shared_prompt and self.padding_free),
+            f"{prefix}.shared_prompt",
+            f"cannot be combined with {prefix}.padding_free yet; turn one of them off",
+        )
         require(0 <= self.clip_ratio_low < 1, f"{prefix}.clip_ratio_low", "must be in [0, 1)")
         require(self.clip_ratio_high >= 0, f"{prefix}.clip_ratio_high", "must be >= 0")
         require_choice(self.policy_loss, POLICY_LOSSES, f"{prefix}.policy_loss")

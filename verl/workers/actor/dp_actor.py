@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 
 from verl.algorithms import core_algos
-from verl.models.logprobs import response_log_probs, selected_log_probs
+from verl.models.logprobs import chunked_log_probs, response_log_probs, selected_log_probs
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.models.packing import PackedRows, pack_rows
+from verl.models.shared_prompt import prompt_groups, shared_prompt_hidden
 from verl.protocol import DataProto
 from verl.workers import fsdp_utils
 from verl.workers.actor.micro_batches import micro_batches
@@ -88,6 +89,7 @@ def forward_response_log_probs(
     with_entropy: bool,
     keep_logits: bool = False,
     padding_free: bool = False,
+    shared_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs (b, T) of the response tokens, their entropy (b, T) when asked, and the logits when kept.
 
@@ -96,7 +98,11 @@ def forward_response_log_probs(
     `keep_logits` (the full-distribution KL needs them) takes the plain full-logits path.
     `padding_free` packs the rows' real tokens into one sequence (verl.models.packing); values at
     padded response slots are then zeros, and every real slot equals the padded path's.
+    `shared_prompt` runs each group's prompt once and its responses against the prompt's key/value
+    cache (verl.models.shared_prompt); the values equal the plain path's.
     """
+    if shared_prompt:
+        return _shared_prompt_log_probs(model, micro, temperature, chunk_size, with_entropy, keep_logits)
     if chunk_size > 0 and not keep_logits:
         inputs, packed = _forward_inputs(model, micro, padding_free)
         reset_rope_cache(model)
@@ -124,6 +130,58 @@ def forward_response_log_probs(
         log_probs = log_probs.masked_fill(padded_slots, 0.0)
         entropy = entropy.masked_fill(padded_slots, 0.0) if entropy is not None else None
     return log_probs, entropy, (logits if keep_logits else None)
+
+
+def _shared_prompt_log_probs(
+    model: torch.nn.Module,
+    micro: DataProto,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool,
+    keep_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """forward_response_log_probs with each distinct prompt encoded once (see verl.models.shared_prompt)."""
+    responses = micro.batch["responses"]
+    batch, length = responses.shape
+    prompt_length = micro.batch["input_ids"].shape[1] - length
+    multimodal = micro.non_tensor_batch.get("multi_modal_inputs")
+    multimodal = list(multimodal) if multimodal is not None else None
+    groups = prompt_groups(
+        micro.batch["input_ids"][:, :prompt_length], micro.batch["attention_mask"][:, :prompt_length], multimodal
+    )
+    inputs, _ = _forward_inputs(model, micro)
+    device = inputs["input_ids"].device
+    first_rows = groups.first_rows.tolist()
+    prompt_multimodal = {
+        k: v.to(device)
+        for k, v in batch_multimodal_inputs([multimodal[i] for i in first_rows] if multimodal else []).items()
+    }
+    reset_rope_cache(model)
+    hidden, weight = shared_prompt_hidden(
+        model,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["position_ids"],
+        length,
+        groups,
+        prompt_multimodal,
+    )
+    tokens = responses.to(device)
+    if chunk_size > 0 and not keep_logits:
+        log_probs, entropy = chunked_log_probs(
+            hidden.reshape(batch * length, -1), weight, tokens.reshape(-1), temperature, chunk_size, with_entropy
+        )
+        return log_probs.view(batch, length), (entropy.view(batch, length) if entropy is not None else None), None
+    # As the model's own LM head: the product in the weight's dtype, then upcast.
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+    if temperature > 0:
+        logits = logits / temperature
+    entropy = core_algos.entropy_from_logits(logits) if with_entropy else None
+    return token_log_probs(logits, tokens), entropy, (logits if keep_logits else None)
+
+
+def _uses_gradient_checkpointing(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy_rollout")
@@ -170,6 +228,7 @@ class DataParallelActor:
                     self.config.logprob_chunk_size,
                     with_entropy,
                     padding_free=self.config.padding_free,
+                    shared_prompt=self.config.shared_prompt,
                 )
                 log_probs.append(micro_log_probs.cpu())
                 if with_entropy:
@@ -235,6 +294,8 @@ class DataParallelActor:
             with_entropy=True,
             keep_logits=full_kl,
             padding_free=cfg.padding_free,
+            # Transformers drops key/value caches under gradient checkpointing in training.
+            shared_prompt=cfg.shared_prompt and not _uses_gradient_checkpointing(self.model),
         )
         device = log_probs.device
         mask = mask.to(device)
