@@ -229,13 +229,16 @@ def convert(
             f"with judged files in {JUDGED_DIR}/<model>/)"
         )
     written: dict[str, dict[str, int]] = {}
+    loaded_references: dict[str, tuple[list[dict[str, Any]], str] | None] = {}  # one read per dataset
     for model, datasets in found.items():
         by_benchmark: dict[str, list[dict[str, Any]]] = {}
         source_of: dict[str, Path] = {}
         for dataset, path in datasets.items():
             if dataset in exclude:
                 continue
-            for generation, judgment in convert_rows(path, dataset, load_reference(references, dataset)):
+            if dataset not in loaded_references:
+                loaded_references[dataset] = load_reference(references, dataset)
+            for generation, judgment in convert_rows(path, dataset, loaded_references[dataset]):
                 benchmark = generation["benchmark"]
                 if source_of.setdefault(benchmark, path) != path:
                     raise ConversionError(

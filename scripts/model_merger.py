@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -162,7 +163,8 @@ def load_rank_file(path: str) -> dict[str, torch.Tensor]:
         # The device meshes of the DTensors are unpickled without process groups, which is all we need.
         warnings.filterwarnings("ignore", message=".*DeviceMesh.*")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            # Mapped rather than read where the format allows (the zip format torch.save writes by default).
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
         except Exception as error:
             raise ValueError(f"{path}: not a readable torch.save file ({error})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
