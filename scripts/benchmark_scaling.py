@@ -9,7 +9,8 @@ variant scores exactly the same tokens.
 
 Variants: plain (full logits, fixed micro-batches, separate old-log-prob pass); each feature alone
 (chunked log-probs, on-policy shortcut, token-budget micro-batches); packed (padding-free rows in
-token-budget micro-batches); all on (the defaults plus dynamic batching and padding-free). On CPU
+token-budget micro-batches); all on (the defaults plus dynamic batching and padding-free); shared
+(one prompt forward per group); shared_all (shared with chunked log-probs and the on-policy shortcut). On CPU
 the packed rows attend through sdpa with a block-diagonal mask, whose cost grows with the square of
 a micro-batch's tokens; flash-attention's variable-length kernel on GPU has no such cost.
 
@@ -43,6 +44,8 @@ VARIANTS = {
     "on_policy": {"logprob_chunk_size": 0, "on_policy": True, "dynamic_batching": False, "padding_free": False},
     "dynamic": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True, "padding_free": False},
     "packed": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True, "padding_free": True},
+    "shared": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": False, "shared_prompt": True},
+    "shared_all": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": False, "shared_prompt": True},
     "all_on": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": True, "padding_free": True},
 }
 
@@ -110,7 +113,8 @@ def time_step(worker: ActorRolloutRefWorker, data: DataProto, variant: dict) -> 
     actor_cfg = worker.config.actor
     actor_cfg.logprob_chunk_size = variant["logprob_chunk_size"]
     actor_cfg.dynamic_batching = variant["dynamic_batching"]
-    actor_cfg.padding_free = variant["padding_free"]
+    actor_cfg.padding_free = variant.get("padding_free", False)
+    actor_cfg.shared_prompt = variant.get("shared_prompt", False)
     times: dict[str, float] = {"old": 0.0}
     batch = data
     if not variant["on_policy"]:

@@ -1,7 +1,7 @@
 """The actor's throughput features against the plain path, on the tiny Qwen2.5-VL worker with mixed
 image/text rows of unequal lengths: chunked log-probs (`logprob_chunk_size`), token-budget
-micro-batches (`dynamic_batching`), packed rows (`padding_free`) and the on-policy shortcut (no
-separate old-log-prob pass).
+micro-batches (`dynamic_batching`), packed rows (`padding_free`), one prompt forward per group
+(`shared_prompt`) and the on-policy shortcut (no separate old-log-prob pass).
 
 Each variant runs on a fresh worker with the same seed and weights, one update with plain SGD (so
 the weight change is the clipped gradient itself). fp32 on CPU: the variants differ from the plain
@@ -16,6 +16,7 @@ import torch
 from verl.protocol import DataProto, SamplingParams
 from verl.trainer.config import PPOConfig
 from verl.trainer.ppo_trainer import old_log_prob_pass_skippable
+from verl.utils.config import ConfigError
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.workers.actor.micro_batches import micro_batches, split_to_count, token_budget_groups
 from verl.workers.config import WorkerConfig
@@ -172,6 +173,23 @@ def test_padding_free_token_budget_step_equals_the_padded_fixed_size_step(tiny_w
     torch.testing.assert_close(packed["log_probs"][mask], plain["log_probs"][mask], rtol=RTOL, atol=1e-6)
     torch.testing.assert_close(packed["entropy"][mask], plain["entropy"][mask], rtol=RTOL, atol=1e-6)
     assert_same_step(packed, plain)
+
+
+def test_shared_prompt_step_equals_the_plain_step(tiny_world, batch, plain):
+    # Each of the six prompts' two samples run against one prompt forward, in the old-log-prob
+    # pass, the reference pass and the update (no gradient checkpointing here).
+    shared = run_step(tiny_world, batch, logprob_chunk_size=7, shared_prompt=True)
+    mask = batch.batch["response_mask"].bool()
+    torch.testing.assert_close(shared["log_probs"][mask], plain["log_probs"][mask], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(shared["entropy"][mask], plain["entropy"][mask], rtol=RTOL, atol=1e-6)
+    assert_same_step(shared, plain)
+
+
+def test_shared_prompt_and_padding_free_together_are_refused_at_load():
+    config = WorkerConfig()
+    config.actor.shared_prompt = config.actor.padding_free = True
+    with pytest.raises(ConfigError, match="worker.actor.shared_prompt"):
+        config.actor.check("worker.actor")
 
 
 def test_padding_free_with_the_full_kl_matches(tiny_world, batch):

@@ -234,6 +234,37 @@ def test_one_worker_checkpoint_resumes_on_two_workers(scenario):
     assert_step_matches(scenario.step2_group_from_local, scenario.step2_local)
 
 
+def test_two_workers_with_shared_prompt_forwards_match_one_plain_worker(tiny_world, ray_cluster):
+    # Shared-prompt forwards under FSDP2: every micro-batch runs two forwards (the distinct prompts
+    # with a cache, then the responses) before one backward, on ranks with and without images.
+    # Groups of two samples per prompt; log-probs and the first step equal a plain local worker's.
+    local = local_group(tiny_world)
+    prompts = mixed_prompts(tiny_world, local.worker)
+    prompts.meta_info["sampling"] = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
+    batch = local.generate_sequences(prompts)
+    batch.meta_info = {"temperature": 1.0}
+    config = worker_config(tiny_world)
+    config.actor.shared_prompt = True
+    pool = ResourcePool(nnodes=1, workers_per_node=2, use_gpu=False, cpus_per_worker=1.0)
+    kwargs = {"config": config, "device": "cpu", "need_ref": True, "seed": 0}
+    group = RayWorkerGroup(pool, ActorRolloutRefWorker, kwargs, torch_threads=1, call_timeout_s=300)
+    try:
+        group.init_model()
+        old_local, old_shared = local.compute_log_probs(batch), group.compute_log_probs(batch)
+        torch.testing.assert_close(
+            old_shared.batch["old_log_probs"], old_local.batch["old_log_probs"], atol=LOG_PROB_ATOL, rtol=0
+        )
+        batch = batch.union(old_local.select(["old_log_probs"])).union(local.compute_ref_log_probs(batch))
+        rewards = torch.linspace(-0.5, 1.0, len(batch))  # a loss well away from zero
+        batch.batch["advantages"] = rewards[:, None] * batch.batch["response_mask"]
+        batch.meta_info["mini_batch_size"] = len(batch)
+        assert_step_matches(
+            group.update_actor(batch).meta_info["metrics"], local.update_actor(batch).meta_info["metrics"]
+        )
+    finally:
+        group.shutdown()
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

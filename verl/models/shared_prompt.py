@@ -106,7 +106,9 @@ def shared_prompt_hidden(
             logits_to_keep=response_length,
         )
     if len(captured.hidden) != 2:
-        raise RuntimeError(f"expected the LM head to run twice (prompt, responses), it ran {len(captured.hidden)} times")
+        raise RuntimeError(
+            f"expected the LM head to run twice (prompt, responses), it ran {len(captured.hidden)} times"
+        )
     last_prompt, responses = captured.hidden
     weight = captured.weight[1]
     # The prompt's last position predicts the first response token; each response position the next.

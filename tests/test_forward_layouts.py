@@ -1,11 +1,15 @@
-"""Padding-free forwards (`worker.actor.padding_free`) against the padded path.
+"""Padding-free (`worker.actor.padding_free`) and shared-prompt (`worker.actor.shared_prompt`)
+forwards against the plain padded path.
 
 Packing (verl.models.packing) concatenates the rows' real tokens into one sequence whose positions
 restart at each row; on CPU transformers turns that into a block-diagonal causal mask for sdpa. On
 the three tiny-world models (Qwen2.5-VL, Qwen2-VL, text Qwen2), with image and text rows of unequal
 prompt and response lengths, the log-probs, the entropy and the gradient of a loss over them equal
-the padded path's within 1e-5 relative (fp32; only summation order differs). The full worker step
-with padding-free micro-batches is compared in tests/test_actor_throughput.py.
+the padded path's within 1e-5 relative (fp32; only summation order differs).
+
+Shared-prompt forwards encode each group's prompt once and run its responses against the prompt's
+key/value cache; on groups of 3 samples per prompt (image and text prompts) the same quantities
+equal the plain path's. The full worker steps are compared in tests/test_actor_throughput.py.
 """
 
 from pathlib import Path
@@ -16,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from verl.models.loading import load_tokenizer_and_processor
 from verl.models.packing import pack_rows
+from verl.models.shared_prompt import prompt_groups
 from verl.protocol import DataProto
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.workers.actor.dp_actor import forward_response_log_probs
@@ -67,8 +72,9 @@ def test_pack_rows_refuses_layouts_it_cannot_map_back():
 
 
 # --- the three tiny-world models ---------------------------------------------------------------
-def mixed_batch(tiny_world: Path, model_name: str, model: torch.nn.Module) -> DataProto:
-    """Prompts of unequal lengths (images and text for Qwen-VL), random responses of unequal lengths."""
+def mixed_batch(tiny_world: Path, model_name: str, model: torch.nn.Module, samples: int = 1) -> DataProto:
+    """Prompts of unequal lengths (images and text for Qwen-VL), random responses of unequal lengths;
+    `samples` adjacent rows per prompt, as a rollout lays out a group."""
     model_dir = tiny_world / "models" / model_name
     tokenizer, processor = load_tokenizer_and_processor(str(model_dir))
     config = PromptDatasetConfig(format_prompt=str(ROOT / "examples/format_prompt/see_think.jinja"))
@@ -78,49 +84,85 @@ def mixed_batch(tiny_world: Path, model_name: str, model: torch.nn.Module) -> Da
         rows = [images[0], texts[0], texts[1], images[1], texts[2]]
     else:
         rows = [texts[i] for i in range(5)]
-    prompts = collate_prompts(rows, tokenizer.pad_token_id)
+    prompts = collate_prompts(rows, tokenizer.pad_token_id).repeat(samples, interleave=True)
     generator = torch.Generator().manual_seed(0)
     width = 12
-    lengths = torch.tensor([12, 3, 7, 1, 10])
+    lengths = torch.tensor([12, 3, 7, 1, 10] * samples)[: len(prompts)]
     response_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     # Ordinary text tokens only (ids below the tiny vocabulary's special tokens).
-    responses = torch.randint(3, 200, (5, width), generator=generator)
+    responses = torch.randint(3, 200, (len(prompts), width), generator=generator)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     data = rollout_output(model, prompts, responses, response_mask, None, {})
-    assert len(set(data.batch["attention_mask"].sum(-1).tolist())) == 5, "rows should differ in length"
+    assert len(set(data.batch["attention_mask"].sum(-1).tolist())) >= 5, "rows should differ in length"
     return data
+
+
+def load(tiny_world: Path, model_name: str) -> torch.nn.Module:
+    model_class = AutoModelForCausalLM if model_name == "qwen2_text" else AutoModelForImageTextToText
+    return model_class.from_pretrained(
+        tiny_world / "models" / model_name, attn_implementation="sdpa", dtype=torch.float32
+    )
+
+
+def log_probs_entropy_and_gradients(model: torch.nn.Module, data: DataProto, chunk_size: int, **layout) -> tuple:
+    """Log-probs, entropy and the parameter gradients of a loss that weights every real slot differently."""
+    mask = data.batch["response_mask"].bool()
+    weights = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask) * mask
+    model.zero_grad(set_to_none=True)
+    log_probs, entropy, _ = forward_response_log_probs(
+        model, data, temperature=0.9, chunk_size=chunk_size, with_entropy=True, **layout
+    )
+    ((log_probs * weights).sum() + (entropy * weights).sum() * 0.1).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return log_probs.detach(), entropy.detach(), grads
+
+
+def assert_same(ours: tuple, plain: tuple, mask: torch.Tensor) -> None:
+    torch.testing.assert_close(ours[0][mask], plain[0][mask], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(ours[1][mask], plain[1][mask], rtol=RTOL, atol=1e-6)
+    assert ours[2].keys() == plain[2].keys() and len(plain[2]) > 10
+    for name, grad in plain[2].items():
+        # Relative to the whole tensor: single entries near zero carry summation noise of ~1e-6.
+        error = float((ours[2][name] - grad).norm() / grad.norm().clamp(min=1e-12))
+        assert error < RTOL, f"{name}: relative gradient error {error:.2e}"
 
 
 @pytest.mark.parametrize("model_name", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
 @pytest.mark.parametrize("chunk_size", [0, 5])
 def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_path(tiny_world, model_name, chunk_size):
-    model_dir = tiny_world / "models" / model_name
-    model_class = AutoModelForCausalLM if model_name == "qwen2_text" else AutoModelForImageTextToText
-    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    model = load(tiny_world, model_name)
     data = mixed_batch(tiny_world, model_name, model)
     mask = data.batch["response_mask"].bool()
-    # A loss that touches every real slot with a different weight.
-    weights = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask) * mask
-
-    results = {}
-    for padding_free in (False, True):
-        model.zero_grad(set_to_none=True)
-        log_probs, entropy, _ = forward_response_log_probs(
-            model, data, temperature=0.9, chunk_size=chunk_size, with_entropy=True, padding_free=padding_free
-        )
-        ((log_probs * weights).sum() + (entropy * weights).sum() * 0.1).backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        results[padding_free] = (log_probs.detach(), entropy.detach(), grads)
-
-    padded, packed = results[False], results[True]
-    torch.testing.assert_close(packed[0][mask], padded[0][mask], rtol=RTOL, atol=1e-6)
-    torch.testing.assert_close(packed[1][mask], padded[1][mask], rtol=RTOL, atol=1e-6)
+    padded = log_probs_entropy_and_gradients(model, data, chunk_size)
+    packed = log_probs_entropy_and_gradients(model, data, chunk_size, padding_free=True)
+    assert_same(packed, padded, mask)
     assert (packed[0][~mask] == 0).all() and (packed[1][~mask] == 0).all()
-    assert packed[2].keys() == padded[2].keys() and len(padded[2]) > 10
-    for name, grad in padded[2].items():
-        # Relative to the whole tensor: single entries near zero carry summation noise of ~1e-6.
-        error = float((packed[2][name] - grad).norm() / grad.norm().clamp(min=1e-12))
-        assert error < RTOL, f"{name}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("model_name", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_shared_prompt_log_probs_entropy_and_gradients_equal_the_plain_path(tiny_world, model_name, chunk_size):
+    model = load(tiny_world, model_name)
+    data = mixed_batch(tiny_world, model_name, model, samples=3)
+    mask = data.batch["response_mask"].bool()
+    plain = log_probs_entropy_and_gradients(model, data, chunk_size)
+    shared = log_probs_entropy_and_gradients(model, data, chunk_size, shared_prompt=True)
+    assert_same(shared, plain, mask)
+
+
+def test_prompt_groups_split_same_tokens_with_different_images(tiny_world):
+    model = load(tiny_world, "qwen2_5_vl")
+    data = mixed_batch(tiny_world, "qwen2_5_vl", model, samples=2)
+    width = data.batch["responses"].shape[1]
+    prompt_ids = data.batch["input_ids"][:, :-width]
+    prompt_mask = data.batch["attention_mask"][:, :-width]
+    multimodal = list(data.non_tensor_batch["multi_modal_inputs"])
+    groups = prompt_groups(prompt_ids, prompt_mask, multimodal)
+    assert groups.first_rows.tolist() == [0, 2, 4, 6, 8]
+    assert groups.group_of_row.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # Same placeholder tokens, another image (pixels changed): a group of its own.
+    multimodal[1] = {**multimodal[1], "pixel_values": multimodal[1]["pixel_values"] + 1.0}
+    assert prompt_groups(prompt_ids, prompt_mask, multimodal).first_rows.tolist() == [0, 1, 2, 4, 6, 8]
 
 
 def test_packing_without_the_restart_would_leak_across_rows(tiny_world):
