@@ -1,7 +1,8 @@
 """Per-stage time of a tiny-world GRPO step with each actor feature on and off, as the response
 length and the group size n grow. Prints a table; not a test.
 
-Stages timed on the real tiny Qwen2.5-VL worker (real tokenizer and 151,657-token vocabulary),
+Three axes: the response length, the group size n, and the prompt length (images resized to
+16..1024 merged tokens). Stages timed on the real tiny Qwen2.5-VL worker (real tokenizer and 151,657-token vocabulary),
 called directly as the trainer's worker group would: old log-probs, reference log-probs and the
 update (generation does not depend on these features and is left out). Responses are sampled once
 at the largest length and n, and smaller settings take the first columns / samples, so every
@@ -71,12 +72,21 @@ def make_worker(world: str, micro_update: int, micro_exp: int, max_tokens: int) 
     return worker
 
 
-def sample_batch(worker: ActorRolloutRefWorker, world: str, prompts: int, n: int, length: int) -> DataProto:
+def sample_batch(
+    worker: ActorRolloutRefWorker, world: str, prompts: int, n: int, length: int, image_tokens: int | None = None
+) -> DataProto:
+    """`n` responses of up to `length` tokens to each of the first `prompts` digit-sum prompts; with
+    `image_tokens`, every image is resized to that many merged tokens (28 x 28 pixels each)."""
+    pixels = image_tokens * 28 * 28 if image_tokens else None
     ds = PromptDataset(
         os.path.join(world, "data", "digit_sum", "val.parquet"),
         worker.tokenizer,
         worker.processor,
-        PromptDatasetConfig(format_prompt=os.path.join(ROOT, "examples/format_prompt/see_think.jinja")),
+        PromptDatasetConfig(
+            format_prompt=os.path.join(ROOT, "examples/format_prompt/see_think.jinja"),
+            min_pixels=pixels,
+            max_pixels=pixels,
+        ),
     )
     batch = collate_prompts([ds[i] for i in range(prompts)], worker.tokenizer.pad_token_id)
     batch.meta_info["sampling"] = SamplingParams(n=n, temperature=1.0, max_new_tokens=length, seed=7)
@@ -142,10 +152,17 @@ def main() -> None:
     parser.add_argument("--micro-experience", type=int, default=16)
     parser.add_argument("--max-token-len-per-gpu", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per cell (the median is shown)")
-    parser.add_argument("--quick", action="store_true", help="lengths 32 128, n 4 8")
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        nargs="*",
+        default=[16, 64, 256, 1024],
+        help="prompt-length axis: image tokens per prompt (at --base-n and --base-length); none to skip",
+    )
+    parser.add_argument("--quick", action="store_true", help="lengths 32 128, n 4 8, image tokens 16 256")
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.ns = [32, 128], [4, 8]
+        args.lengths, args.ns, args.image_tokens = [32, 128], [4, 8], [16, 256]
     torch.set_num_threads(1)
 
     world = tiny_world_path()
@@ -160,21 +177,32 @@ def main() -> None:
     # Warm-up (first forward allocations, lazy inits) on the smallest cell.
     time_step(worker, shrink(full, n_full, min(args.ns), min(args.lengths)), VARIANTS["plain"])
 
-    header = f"{'n':>3} {'len':>4} {'rows':>4} {'variant':<10} {'old':>7} {'ref':>7} {'update':>7} {'total':>7} {'vs plain':>8}"
+    header = (
+        f"{'n':>3} {'len':>4} {'prompt':>6} {'rows':>4} {'variant':<10} {'old':>7} {'ref':>7} {'update':>7} "
+        f"{'total':>7} {'vs plain':>8}"
+    )
     print(header)
     print("-" * len(header))
-    for n, length in cells:
-        data = shrink(full, n_full, n, length)
+
+    def time_cell(data: DataProto, n: int, length: int) -> None:
         plain_total = None
+        prompt = data.batch["attention_mask"][:, : data.batch["prompts"].shape[1]].sum(-1).float().mean()
         for name, variant in VARIANTS.items():
             runs = [time_step(worker, data, variant) for _ in range(args.repeats)]
             t = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             plain_total = plain_total or t["total"]
             print(
-                f"{n:>3} {length:>4} {len(data):>4} {name:<10} {t['old']:>7.2f} {t['ref']:>7.2f} "
-                f"{t['update']:>7.2f} {t['total']:>7.2f} {t['total'] / plain_total:>7.2f}x",
+                f"{n:>3} {length:>4} {float(prompt):>6.0f} {len(data):>4} {name:<10} {t['old']:>7.2f} "
+                f"{t['ref']:>7.2f} {t['update']:>7.2f} {t['total']:>7.2f} {t['total'] / plain_total:>7.2f}x",
                 flush=True,
             )
+
+    for n, length in cells:
+        time_cell(shrink(full, n_full, n, length), n, length)
+    # The prompt-length axis: the same prompts with larger images (mean prompt tokens in "prompt").
+    for tokens in args.image_tokens:
+        larger = sample_batch(worker, world, args.prompts, args.base_n, args.base_length, image_tokens=tokens)
+        time_cell(shrink(larger, args.base_n, args.base_n, args.base_length), args.base_n, args.base_length)
     print(f"total benchmark time {time.perf_counter() - started:.0f}s")
 
 
