@@ -6,7 +6,7 @@ One uninterrupted reference run first (`python -m verl.trainer.main` on the tiny
 training file so the run crosses an epoch boundary). Then each trial starts the same command,
 sends SIGKILL or SIGTERM (chosen at random) at a random moment of a random step (timed from that
 run's own logged steps, so mid-step or mid-save), and reruns the same command until it finishes.
-It compares with the reference: the rows each step trained on (rows.jsonl), every logged metric
+It compares with the reference: the rows each step trained on and left out (rows.jsonl), every logged metric
 except timings and throughput, and the final weights. Prints one line per trial and a summary;
 exits 1 if any trial differs.
 """
@@ -93,7 +93,8 @@ def compare(reference: Path, trial: Path) -> dict[str, object]:
     ref_w, w = final_weights(reference), final_weights(trial)
     weight_diff = max((ref_w[name].float() - w[name].float()).abs().max().item() for name in ref_w)
     return {
-        "rows_equal": {s: r["rows"] for s, r in ref_rows.items()} == {s: r["rows"] for s, r in rows.items()},
+        "rows_equal": {s: (r["rows"], r.get("dropped")) for s, r in ref_rows.items()}
+        == {s: (r["rows"], r.get("dropped")) for s, r in rows.items()},
         "metric_keys_equal": metric_keys_equal,
         "metric_max_abs_diff": metric_diff,
         "weights_equal": sorted(ref_w) == sorted(w) and weight_diff == 0.0,

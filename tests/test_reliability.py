@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,15 +21,20 @@ from verl.reward import RewardFunction, RewardFunctionError
 from verl.trainer import sft
 from verl.trainer.interrupt import Interrupted, checkpoint_guard, stop_on_signals
 from verl.trainer.main import main
+from verl.trainer.ppo_trainer import groups_left_out
 from verl.utils.tracking import Tracker
 
 POISONED = str(ROOT / "tests" / "rewards" / "poisoned.py") + ":compute_score"
 
 
-def small_train_file(tiny_world, path: Path, rows: int, poison: tuple[int, ...] = ()) -> Path:
-    """The first `rows` rows of the digit-sum set, with a `poison` column marking rows `poison`."""
+def small_train_file(
+    tiny_world, path: Path, rows: int, poison: tuple[int, ...] = (), flat: tuple[int, ...] = ()
+) -> Path:
+    """The first `rows` rows of the digit-sum set, with `poison` and `flat` columns marking those rows
+    (tests/rewards/poisoned.py fails on poisoned rows and scores every response of a flat row alike)."""
     frame = pd.read_parquet(tiny_world / "data/digit_sum/val.parquet").head(rows).copy()
     frame["poison"] = [i in poison for i in range(rows)]
+    frame["flat"] = [i in flat for i in range(rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path)
     return path
@@ -37,6 +43,12 @@ def small_train_file(tiny_world, path: Path, rows: int, poison: tuple[int, ...] 
 def read_rows(save_dir) -> dict[int, list[int]]:
     with open(Path(save_dir) / "rows.jsonl") as f:
         return {record["step"]: record["rows"] for record in map(json.loads, f)}
+
+
+def read_dropped(save_dir) -> dict[int, dict[str, list[int]]]:
+    """Per step, the rows it drew but left out, by reason (empty when none)."""
+    with open(Path(save_dir) / "rows.jsonl") as f:
+        return {record["step"]: record.get("dropped", {}) for record in map(json.loads, f)}
 
 
 # ================================================================ bad samples
@@ -97,13 +109,60 @@ def test_drop_group_leaves_the_bad_groups_out_and_counts_them(tiny_world, tmp_pa
         "data.val_files=null",
     )
     main(args)
-    metrics, rows = read_metrics(save), read_rows(save)
+    metrics, rows, dropped = read_metrics(save), read_rows(save), read_dropped(save)
     assert sum(metrics[step]["reward/dropped_groups"] for step in (1, 2)) == 2
     trained = rows[1] + rows[2]
     assert sorted(trained) == [0, 1, 3, 4, 6, 7]
+    assert sorted(dropped[1].get("bad_sample", []) + dropped[2].get("bad_sample", [])) == [2, 5]
     for step in (1, 2):
         assert len(rows[step]) == 4 - metrics[step]["reward/dropped_groups"]
+        assert set(dropped[step]) <= {"bad_sample"}  # one worker: nothing left out for divisibility
+        assert len(rows[step] + dropped[step].get("bad_sample", [])) == 4  # the step's whole batch
         assert math.isfinite(metrics[step]["reward/overall"]) and math.isfinite(metrics[step]["actor/pg_loss"])
+
+
+def test_each_step_accounts_for_every_row_it_drew(tiny_world, tmp_path):
+    """Dynamic sampling with bad samples, data in file order (4 rows a batch, 12 rows an epoch): the
+    rows each step trained on plus those it dropped (bad sample, filtered, surplus) are exactly the
+    rows of the batches it drew, refills and the next epoch's first batch included."""
+    train = small_train_file(tiny_world, tmp_path / "train.parquet", 12, poison=(9,), flat=(1,))
+    save = tmp_path / "run"
+    args = run_args(
+        tiny_world,
+        save,
+        "trainer.max_steps=2",
+        f"worker.reward.reward_function={POISONED}",
+        "worker.reward.reward_function_kwargs={how: raise}",
+        "worker.reward.on_bad_sample=drop_group",
+        "algorithm.online_filtering=true",
+        "data.shuffle=false",
+        f"data.train_files={train}",
+        "data.val_files=null",
+    )
+    main(args)
+    metrics, rows, dropped = read_metrics(save), read_rows(save), read_dropped(save)
+    batches_drawn = 0
+    for step in (1, 2):
+        drawn = 1 + int(metrics[step]["dynamic_sampling/refills"])
+        batch_rows = [(4 * batch + i) % 12 for batch in range(batches_drawn, batches_drawn + drawn) for i in range(4)]
+        batches_drawn += drawn
+        left_out = [row for reason_rows in dropped[step].values() for row in reason_rows]
+        assert sorted(rows[step] + left_out) == sorted(batch_rows), (step, rows[step], dropped[step])
+        assert len(rows[step]) == 4 and set(dropped[step]) <= {"bad_sample", "filtered", "surplus"}
+    # Step 1 refills (flat row 1 is filtered out of the first batch), so the run reaches poisoned row 9.
+    assert batches_drawn >= 3 and 1 in dropped[1]["filtered"]
+    assert [row for step in (1, 2) for row in dropped[step].get("bad_sample", [])] == [9]
+    assert not {1, 9} & {row for step in (1, 2) for row in rows[step]}
+
+
+def test_groups_left_out_for_bad_samples_and_for_divisibility():
+    uids = np.repeat(["a", "b", "c", "d", "e"], 2)  # five groups of two samples
+    bad, trimmed = groups_left_out(uids, {"b"}, world_size=4)
+    assert bad.tolist() == [False, False, True, True] + [False] * 6 and not trimmed.any()  # 8 samples divide by 4
+    bad, trimmed = groups_left_out(uids, {"b"}, world_size=3)
+    assert trimmed.tolist() == [False] * 8 + [True, True]  # the last intact group goes: 6 samples divide by 3
+    bad, trimmed = groups_left_out(uids, {"a", "b", "c", "d"}, world_size=4)
+    assert not trimmed.any()  # the one group left stays, though 2 samples do not divide by 4
 
 
 # ================================================================ signals

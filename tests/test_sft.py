@@ -229,6 +229,10 @@ def test_over_long_examples_are_dropped_not_truncated(tiny_world, tmp_path, enco
     lengths = SFTDataset([path], encoder, 4096, str(_cold_start(tiny_world))).lengths
     kept = SFTDataset([path], encoder, max(lengths) - 1, str(_cold_start(tiny_world)))
     assert len(kept) == sum(length < max(lengths) for length in lengths)
+    # Each kept example keeps its row number in the file, so the account of trained rows names file rows.
+    assert kept.row_ids == [row for row, length in enumerate(lengths) if length < max(lengths)]
+    both = SFTDataset([path, path], encoder, max(lengths) - 1, str(_cold_start(tiny_world)))
+    assert both.row_ids == kept.row_ids + [len(rows) + row for row in kept.row_ids]  # the second file follows the first
 
 
 # ---------------------------------------------------------------- the model step
@@ -350,6 +354,45 @@ def test_a_rerun_resumes_from_the_last_checkpoint(short_run):
         resumed.wg.worker.optimizer.state_dict()["state"][0]["exp_avg"],
         trainer.wg.worker.optimizer.state_dict()["state"][0]["exp_avg"],
     )
+
+
+def _read_rows(root: Path) -> dict[int, list[int]]:
+    return {
+        record["step"]: record["rows"] for record in map(json.loads, (root / "rows.jsonl").read_text().splitlines())
+    }
+
+
+def test_a_resumed_run_trains_on_the_same_rows_across_an_epoch_boundary(tiny_world, model_dir, tmp_path):
+    """6 rows, 2 per step: an epoch is 3 steps and the run 5. A run stopped after step 2 and rerun
+    to step 5 logs the rows of an uninterrupted run, and each epoch sees every row at most once."""
+    train = _subset(tiny_world, tmp_path, "text_only.json", 6)
+
+    def run(out: Path, steps: int) -> None:
+        args = [
+            f"data.train_files=[{train}]",
+            "data.val_files=[]",
+            "data.batch_size=2",
+            f"model.model_path={model_dir}",
+            "eval.generation_files=null",
+            f"trainer.max_steps={steps}",
+            "trainer.save_freq=1",
+            "trainer.device=cpu",
+            "trainer.logger=[file]",
+            f"trainer.save_checkpoint_path={out}",
+        ]
+        build_trainer(load_config(args, SFTConfig)).fit()
+
+    run(tmp_path / "reference", 5)
+    run(tmp_path / "stopped", 2)
+    assert sorted(_read_rows(tmp_path / "stopped")) == [1, 2]
+    run(tmp_path / "stopped", 5)  # resumes from global_step_2
+    reference, resumed = _read_rows(tmp_path / "reference"), _read_rows(tmp_path / "stopped")
+    assert resumed == reference and sorted(resumed) == [1, 2, 3, 4, 5]
+    assert all(len(rows) == 2 for rows in resumed.values())
+    assert sorted(resumed[1] + resumed[2] + resumed[3]) == list(range(6))  # no row skipped or repeated
+    assert len(set(resumed[4] + resumed[5])) == 4  # the next epoch starts afresh, no repeats within it
+    records = [json.loads(line) for line in (tmp_path / "stopped" / "rows.jsonl").read_text().splitlines()]
+    assert all(set(record) == {"step", "rows", "sha256"} for record in records)  # the RL trainer's format
 
 
 def test_a_run_stops_at_the_first_check_that_meets_the_target_and_stays_stopped(

@@ -64,6 +64,8 @@ class PPOTrainer:
         self.total_steps = config.trainer.total_steps(len(train_loader))
         self.tracker: Tracker | None = None
         self.last_val_generations: list[dict[str, Any]] = []
+        # The dataset rows the current step drew but left out, by reason (rows.jsonl's `dropped`).
+        self.dropped_rows: dict[str, list[int]] = defaultdict(list)
 
     # ================================================================ the loop
     def fit(self) -> dict[str, float]:
@@ -91,6 +93,7 @@ class PPOTrainer:
         while self.global_step < self.total_steps:
             prompts = next(self._prompt_batches)
             self.global_step += 1
+            self.dropped_rows = defaultdict(list)
             metrics, timings = {}, {}
             with timer("step", timings):
                 batch, rollout_metrics = self._rollout_and_score(prompts, timings)
@@ -121,7 +124,7 @@ class PPOTrainer:
 
             metrics.update(compute_data_metrics(batch))
             metrics.update(compute_throughput_metrics(batch, timings))
-            self.tracker.log_rows(_trained_rows(batch), step=self.global_step)
+            self.tracker.log_rows(_group_rows(batch), step=self.global_step, dropped=self.dropped_rows)
             self.tracker.log(metrics, step=self.global_step)
             # Saved after logging: a run killed once this checkpoint exists resumes after this step,
             # so its metrics must be written already (a resumed run drops what was logged after).
@@ -181,6 +184,7 @@ class PPOTrainer:
                 return batch, metrics
             scores = np.array([s[algo.filter_key] for s in batch.non_tensor_batch["reward_scores"]], dtype=float)
             mask = core_algos.informative_groups(scores, batch.non_tensor_batch["uid"])
+            self.dropped_rows["filtered"] += _group_rows(batch, ~mask)
             kept.append(batch[mask])
             kept_prompts = sum(len(b) for b in kept) // self.config.worker.rollout.n
             if kept_prompts >= target_prompts or refills >= algo.max_refills:
@@ -188,7 +192,10 @@ class PPOTrainer:
             refills += 1
             prompts = next(self._prompt_batches)
         batch = DataProto.concat(kept)
-        batch = batch[: target_prompts * self.config.worker.rollout.n]
+        # Informative groups beyond the step's prompt count (from the last refill) are left out too.
+        surplus = np.arange(len(batch)) >= target_prompts * self.config.worker.rollout.n
+        self.dropped_rows["surplus"] += _group_rows(batch, surplus)
+        batch = batch[~surplus]
         metrics["dynamic_sampling/refills"] = float(refills)
         metrics["dynamic_sampling/kept_prompts"] = float(len(batch) // self.config.worker.rollout.n)
         if len(batch) == 0:
@@ -248,31 +255,26 @@ class PPOTrainer:
         self, batch: DataProto, scores: list[dict[str, float] | None], bad_uids: set[str]
     ) -> tuple[DataProto, list[dict[str, float]]]:
         """The batch without the groups in `bad_uids` (whole groups, so the rows left still divide
-        into the update's groups and mini-batches as dynamic sampling's kept groups do)."""
+        into the update's groups and mini-batches as dynamic sampling's kept groups do); the dataset
+        rows left out go to `dropped_rows`."""
         if not bad_uids:
             return batch, scores
-        keep = np.array([str(uid) not in bad_uids for uid in batch.non_tensor_batch["uid"]])
-        if not keep.any():
+        bad, trimmed = groups_left_out(batch.non_tensor_batch["uid"], bad_uids, self.wg.world_size)
+        if bad.all():
             raise RuntimeError(
                 f"step {self.global_step}: every group had a sample whose reward failed "
                 f"({len(bad_uids)} groups dropped); nothing is left to train on"
             )
-        # The update shares each mini-batch out over the workers: leave out further whole groups (the
-        # last ones) until the rows divide by the number of workers.
-        uids = batch.non_tensor_batch["uid"]
-        kept_uids = list(dict.fromkeys(str(uid) for uid, kept in zip(uids, keep, strict=True) if kept))
-        trimmed = 0
-        while int(keep.sum()) % self.wg.world_size and len(kept_uids) > 1:
-            keep &= np.array([str(uid) != kept_uids[-1] for uid in uids])
-            kept_uids.pop()
-            trimmed += 1
-        if trimmed:
+        self.dropped_rows["bad_sample"] += _group_rows(batch, bad)
+        self.dropped_rows["divisibility"] += _group_rows(batch, trimmed)
+        if trimmed.any():
             logger.warning(
                 "step %d: also left out %d intact group(s) so the rows divide over %d workers",
                 self.global_step,
-                trimmed,
+                len(set(batch.non_tensor_batch["uid"][trimmed].tolist())),
                 self.wg.world_size,
             )
+        keep = ~(bad | trimmed)
         return batch[keep], [score for score, kept in zip(scores, keep, strict=True) if kept]
 
     def _run_self_reward(self, batch: DataProto, sampling: SamplingParams) -> dict[str, float]:
@@ -481,14 +483,30 @@ def old_log_prob_pass_skippable(config: PPOConfig) -> bool:
     )
 
 
-def _trained_rows(batch: DataProto) -> list[int]:
-    """The dataset row of each group in the batch (one per prompt trained on), in batch order."""
+def groups_left_out(uids: np.ndarray, bad_uids: set[str], world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which samples leave the step, as two boolean masks over `uids` (one group id per sample):
+    the samples of the groups in `bad_uids`, and those of the intact groups also left out so the
+    samples kept divide by `world_size` (the update shares each mini-batch out over the workers).
+    The intact groups go last first, while more than one group is kept."""
+    bad = np.array([str(uid) in bad_uids for uid in uids], dtype=bool)
+    trimmed = np.zeros(len(uids), dtype=bool)
+    kept_uids = list(dict.fromkeys(str(uid) for uid, left_out in zip(uids, bad, strict=True) if not left_out))
+    while int((~bad & ~trimmed).sum()) % world_size and len(kept_uids) > 1:
+        trimmed |= np.array([str(uid) == kept_uids[-1] for uid in uids], dtype=bool)
+        kept_uids.pop()
+    return bad, trimmed
+
+
+def _group_rows(batch: DataProto, selected: np.ndarray | None = None) -> list[int]:
+    """The dataset row of each group in the batch (one per prompt), in batch order; with `selected`
+    (a boolean mask over the samples), of the groups of the selected samples only."""
     nt = batch.non_tensor_batch
     if "row_index" not in nt:
         return []
     rows: dict[str, int] = {}  # insertion-ordered: groups in batch order
-    for uid, row in zip(nt["uid"], nt["row_index"], strict=True):
-        rows.setdefault(str(uid), int(row))
+    for i, (uid, row) in enumerate(zip(nt["uid"], nt["row_index"], strict=True)):
+        if selected is None or selected[i]:
+            rows.setdefault(str(uid), int(row))
     return list(rows.values())
 
 

@@ -10,6 +10,8 @@ so RL starts from one with `worker.actor.model.model_path=<...>/global_step_<N>/
     <save_checkpoint_path>/global_step_<N>/eval_metrics.json   the evaluation at step N, when there was one
     <save_checkpoint_path>/global_step_<N>/trainer_state.json  written last: the checkpoint is complete
     <save_checkpoint_path>/generations_step_<N>.jsonl          every greedy generation of the check at step N
+    <save_checkpoint_path>/rows.jsonl                          with the `file` logger: the rows of
+                                                               `data.train_files` each step trained on
 
 `trainer.backend=local` hosts one worker in this process (CPU or one GPU); `trainer.backend=ray`
 hosts one per device (`trainer.nnodes` x `trainer.n_gpus_per_node`; CPU processes sharing the cores
@@ -101,6 +103,7 @@ class SFTTrainer:
                 with timer("data", timings):
                     batch = next(batches)
                 self.global_step += 1
+                rows = batch.non_tensor_batch["row_index"].tolist()
                 with timer("update", timings):
                     # One optimizer step on exactly these rows: data-parallel ranks share them, never pad them.
                     batch.meta_info["mini_batch_size"] = len(batch)
@@ -117,6 +120,7 @@ class SFTTrainer:
             metrics["train/epoch"] = loader.epoch + loader.batches_done / len(loader)
             metrics.update({f"timing_s/{name}": seconds for name, seconds in timings.items()})
             metrics["perf/examples_per_s"] = len(batch) / timings["update"]
+            self.tracker.log_rows(rows, step=self.global_step)
             self.tracker.log(metrics, step=self.global_step)
             # Saved after logging: a run killed once this checkpoint exists resumes after this step,
             # so its metrics must be written already (a resumed run drops what was logged after).

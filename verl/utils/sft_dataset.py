@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
-from verl.protocol import DataProto
+from verl.protocol import DataProto, as_object_array
 from verl.utils.dataset import (
     IMAGE_PLACEHOLDER,
     DataError,
@@ -250,6 +250,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
     Loading encodes every row once to learn its length: rows longer than `max_length` are dropped
     (and counted in the log), so no example is ever cut through its image tokens or reply.
+    `row_ids[i]` is example i's dataset row: its row number in the files read one after another
+    (every row counted, dropped ones too), so with one file it is the row in that file.
     """
 
     def __init__(
@@ -259,9 +261,12 @@ class SFTDataset(torch.utils.data.Dataset):
         self.conversations: list[Conversation] = []
         self.lengths: list[int] = []
         self.file_rows: list[np.ndarray] = []  # per file, the indices of its kept examples
+        self.row_ids: list[int] = []
+        rows_before = 0  # rows of the files before this one
         for spec in specs:
             kept, dropped = [], 0
-            for conversation in read_conversations(spec, image_dir):
+            conversations = read_conversations(spec, image_dir)
+            for row, conversation in enumerate(conversations):
                 length = len(encoder.encode(conversation).input_ids)
                 if length > max_length:
                     dropped += 1
@@ -269,6 +274,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 kept.append(len(self.conversations))
                 self.conversations.append(conversation)
                 self.lengths.append(length)
+                self.row_ids.append(rows_before + row)
+            rows_before += len(conversations)
             if dropped:
                 logger.warning("%s: dropped %d examples longer than max_length=%d tokens", spec, dropped, max_length)
             if not kept:
@@ -373,4 +380,7 @@ class SFTLoader(EpochLoader):
         return batches
 
     def collate(self, indices: np.ndarray) -> DataProto:
-        return collate_examples([self.dataset[int(i)] for i in indices], self.pad_token_id)
+        """The examples at `indices`, with their dataset rows in `row_index` (for the trainer's account)."""
+        batch = collate_examples([self.dataset[int(i)] for i in indices], self.pad_token_id)
+        batch.non_tensor_batch["row_index"] = as_object_array([self.dataset.row_ids[int(i)] for i in indices])
+        return batch

@@ -3,8 +3,9 @@
 Loggers, chosen by name (`trainer.logger`):
 - `console`: one line per step;
 - `file`: JSON lines in `<output_dir>/metrics.jsonl`, `<output_dir>/generations.jsonl` and
-  `<output_dir>/rows.jsonl` (the dataset rows each step trained on, with their hash), and at the end
-  the curves in `<output_dir>/reward_curves.png` (verl/utils/plot_metrics.py);
+  `<output_dir>/rows.jsonl` (per step: `rows`, the dataset rows it trained on; `sha256`, their hash;
+  and, only when the step drew rows it did not train on, `dropped`: those rows by reason), and at
+  the end the curves in `<output_dir>/reward_curves.png` (verl/utils/plot_metrics.py);
 - `wandb`: a Weights & Biases run (set `WANDB_MODE=offline` to log without an account);
 - `tensorboard`: event files in `<output_dir>/tensorboard`;
 - `swanlab`: a SwanLab run (optional package `swanlab`).
@@ -54,8 +55,9 @@ class Logger:
     def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
         raise NotImplementedError(f"{type(self).__name__}.log_generations")
 
-    def log_rows(self, rows: list[int], step: int) -> None:
-        """The dataset rows (indices) a step trained on; only the file logger keeps them."""
+    def log_rows(self, rows: list[int], step: int, dropped: dict[str, list[int]]) -> None:
+        """The dataset rows (indices) a step trained on, and those it drew but left out, by reason;
+        only the file logger keeps them."""
 
     def finish(self) -> None:
         """Flush and close; backends that hold nothing open keep this no-op."""
@@ -130,10 +132,13 @@ class FileLogger(Logger):
         if out is not None:
             _log.info("curves: %s", out)
 
-    def log_rows(self, rows: list[int], step: int) -> None:
+    def log_rows(self, rows: list[int], step: int, dropped: dict[str, list[int]]) -> None:
         # The hash makes two runs' accounts comparable at a glance; the ids prove which rows.
         digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-        self._append(self.rows_path, [{"step": step, "rows": rows, "sha256": digest}], step)
+        record: dict[str, Any] = {"step": step, "rows": rows, "sha256": digest}
+        if dropped:
+            record["dropped"] = dropped
+        self._append(self.rows_path, [record], step)
 
     def _append(self, path: str, records: list[dict[str, Any]], step: int) -> None:
         if self._drop_replayed_steps:
@@ -287,12 +292,17 @@ class Tracker:
         for logger in self.loggers:
             logger.log_generations(rows, step)
 
-    def log_rows(self, rows: list[int], step: int) -> None:
+    def log_rows(self, rows: list[int], step: int, dropped: dict[str, list[int]] | None = None) -> None:
         """Log which dataset rows (indices, one per prompt trained on) a step used, so a resumed run
-        can be shown to neither skip nor repeat data."""
+        can be shown to neither skip nor repeat data; `dropped` holds the rows the step drew but
+        left out, by reason (e.g. {"bad_sample": [...], "filtered": [...]}), so that the rows
+        trained on and those dropped together are every row the step drew. Reasons without rows
+        are left out of the record."""
         ids = [int(row) for row in rows]
+        left_out = {reason: [int(row) for row in dropped_rows] for reason, dropped_rows in (dropped or {}).items()}
+        left_out = {reason: dropped_rows for reason, dropped_rows in left_out.items() if dropped_rows}
         for logger in self.loggers:
-            logger.log_rows(ids, step)
+            logger.log_rows(ids, step, left_out)
 
     def finish(self) -> None:
         """Flush and close every logger (call once, at the end of training)."""
