@@ -136,7 +136,9 @@ def has_images(rows: DataProto) -> bool:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Four logical CPUs: the scenario's two workers stay up for the module while another test
+    # starts a group of its own (idle workers use no CPU).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -328,8 +330,8 @@ def test_a_call_past_its_deadline_stops_the_group_naming_the_late_rank(ray_clust
 
 
 def test_a_pool_larger_than_the_cluster_fails_at_once(ray_cluster):
-    pool = ResourcePool(nnodes=1, workers_per_node=3, use_gpu=False, cpus_per_worker=1.0)
-    with pytest.raises(RuntimeError, match=r"needs 1 node\(s\) with \{'CPU': 3.0\} each"):
+    pool = ResourcePool(nnodes=1, workers_per_node=5, use_gpu=False, cpus_per_worker=1.0)
+    with pytest.raises(RuntimeError, match=r"needs 1 node\(s\) with \{'CPU': 5.0\} each"):
         pool.create(timeout_s=5)
 
 
