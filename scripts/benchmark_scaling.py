@@ -124,7 +124,7 @@ def time_step(worker: ActorRolloutRefWorker, data: DataProto, variant: dict) -> 
     actor_cfg.logprob_chunk_size = variant["logprob_chunk_size"]
     actor_cfg.dynamic_batching = variant["dynamic_batching"]
     actor_cfg.padding_free = variant.get("padding_free", False)
-    actor_cfg.shared_prompt = variant.get("shared_prompt", False)
+    actor_cfg.shared_prompt = variant.get("shared_prompt", False)  # off unless the variant turns it on
     times: dict[str, float] = {"old": 0.0}
     batch = data
     if not variant["on_policy"]:

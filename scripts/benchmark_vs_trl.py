@@ -30,14 +30,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark_grpo import STAGES, run_variant  # noqa: E402
 
-# Our variants: the defaults, then the throughput features the anchor's workload can use.
+# Our variants: the plain path, the defaults less prompt sharing, the defaults.
 VARIANTS = {
-    "ours: plain (separate old pass, full logits)": [
+    "ours: plain (separate old pass, full logits, no prompt sharing)": [
         "worker.actor.skip_old_log_prob_when_on_policy=false",
         "worker.actor.logprob_chunk_size=0",
+        "worker.actor.shared_prompt=false",
     ],
-    "ours: defaults": [],
-    "ours: defaults + shared_prompt": ["worker.actor.shared_prompt=true"],
+    "ours: defaults without shared_prompt": ["worker.actor.shared_prompt=false"],
+    "ours: defaults (shared_prompt on)": [],
 }
 
 
@@ -58,14 +59,24 @@ def convert_assets(assets: Path, out: Path) -> tuple[Path, Path]:
     standard Qwen2.5-VL one, and a parquet file with problem / images / answer columns."""
     import datasets
 
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
     model = out / "model"
     shutil.copytree(assets / "model", model)
-    processor_config = model / "processor_config.json"
-    config = json.loads(processor_config.read_text())
     # The anchor saves an image-only processor class of its own (its environment has no
-    # torchvision); the weights and image settings are those of the standard processor.
-    config["processor_class"] = "Qwen2_5_VLProcessor"
-    processor_config.write_text(json.dumps(config, indent=2))
+    # torchvision); the standard processor is rebuilt here with the same image settings.
+    processor_config = model / "processor_config.json"
+    image_settings = json.loads(processor_config.read_text())["image_processor"]
+    image_settings.pop("image_processor_type", None)
+    processor_config.unlink()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    patching = {key: image_settings[key] for key in ("patch_size", "merge_size", "temporal_patch_size")}
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**image_settings),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**patching),
+        chat_template=tokenizer.chat_template,
+    ).save_pretrained(model)
 
     rows = datasets.load_from_disk(str(assets / "data"))
     problems, images = [], []

@@ -3,8 +3,9 @@
 1. The tiny world end to end on the device (local backend): GRPO steps with the hf engine, and with
    the vllm engine where vLLM is installed; median seconds per stage (scripts/benchmark_grpo.py).
 2. A random-init model of Qwen2.5-VL-3B's shape in bf16, through the real worker (FSDP2, gradient
-   checkpointing, AdamW): the hf engine's tokens/s, then old log-probs and one actor update with
-   padding-free off and on (time, MFU, peak memory, and how far the bf16 log-probs differ).
+   checkpointing, AdamW), prompts in groups of 4: the hf engine's tokens/s, then old log-probs
+   padded, padding-free and shared-prompt (time, peak memory, how far the bf16 log-probs differ),
+   and one actor update padded and padding-free (time, MFU, peak memory).
 3. The shipped GPU script itself (`bash train_examples/2-3b_selfReward_train.sh`, its own settings:
    vLLM rollout with sleep mode, weight sync, self-reward stage, KL with the offloaded reference)
    for 2 GRPO steps on a random-init model of the same 3B shape and the tiny world's image data.
@@ -76,6 +77,9 @@ SMALL = {
     },
     "vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256},
 }
+# Forward layouts compared in part 2: (padding_free, shared_prompt).
+LAYOUTS = {"padded": (False, False), "padding_free": (True, False), "shared_prompt": (False, True)}
+GROUP = 4  # rows per prompt in part 2
 # Dense bf16 tensor-core peaks (FLOP/s) of the cards these checks run on.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json")
@@ -202,7 +206,9 @@ def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_
         print(f"worker init (load, shard, optimizer): {time.perf_counter() - start:.1f} s")
 
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 500, (batch, prompt_len), generator=generator).tolist()
+        # Groups of GROUP rows with one prompt, as a rollout with n = GROUP lays them out.
+        distinct = torch.randint(0, 500, (max(batch // GROUP, 1), prompt_len), generator=generator).tolist()
+        ids = [distinct[row // GROUP % len(distinct)] for row in range(batch)]
         prompts = left_padded_prompts(ids, worker.tokenizer.pad_token_id)
 
         def generate(max_new_tokens: int):
@@ -236,19 +242,25 @@ def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_
         print(f"attention: {worker.model.config._attn_implementation}")
 
         log_probs = {}
-        for padding_free in (False, True):
-            worker.config.actor.padding_free = padding_free
+        for layout, (padding_free, shared_prompt) in LAYOUTS.items():
+            worker.config.actor.padding_free, worker.config.actor.shared_prompt = padding_free, shared_prompt
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             synchronize(device)
             start = time.perf_counter()
-            log_probs[padding_free] = worker.compute_log_probs(rollout).batch["old_log_probs"]
+            log_probs[layout] = worker.compute_log_probs(rollout).batch["old_log_probs"]
             synchronize(device)
-            print(f"old log-probs (no-grad forward), padding_free={padding_free}: {time.perf_counter() - start:.2f} s")
-        difference = (log_probs[True] - log_probs[False])[mask].abs().max()
-        print(f"padding-free vs padded log-probs, bf16: max |difference| {float(difference):.3g}")
-        rollout.batch["old_log_probs"] = log_probs[False]
+            memory = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
+            print(f"old log-probs (no-grad forward), {layout}: {time.perf_counter() - start:.2f} s{memory}")
+        for layout in list(LAYOUTS)[1:]:
+            difference = (log_probs[layout] - log_probs["padded"])[mask].abs().max()
+            print(f"{layout} vs padded log-probs, bf16: max |difference| {float(difference):.3g}")
+        rollout.batch["old_log_probs"] = log_probs["padded"]
 
-        for padding_free in (False, True):
-            worker.config.actor.padding_free = padding_free
+        # Gradient checkpointing drops key/value caches: the update takes the plain path under
+        # shared_prompt then, so only padded and padding-free are timed here.
+        for layout, (padding_free, shared_prompt) in list(LAYOUTS.items())[:2]:
+            worker.config.actor.padding_free, worker.config.actor.shared_prompt = padding_free, shared_prompt
             worker.update_actor(rollout)  # warm-up: allocates gradients and optimizer states
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -266,7 +278,7 @@ def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_
             )
             tokens = int(rollout.batch["attention_mask"].sum())
             print(
-                f"actor update, padding_free={padding_free}: {len(rollout)} sequences, {tokens} real tokens, "
+                f"actor update, {layout}: {len(rollout)} sequences, {tokens} real tokens, "
                 f"{seconds:.2f} s, {flops / 1e12:.1f} TFLOP -> {flops / seconds / 1e12:.1f} TFLOP/s, MFU {mfu}"
             )
             grad_norm = metrics["actor/grad_norm"]

@@ -48,6 +48,7 @@ def make_worker(tiny_world: Path, **actor) -> ActorRolloutRefWorker:
     config.actor.micro_batch_size_per_device_for_experience = 4
     config.ref.micro_batch_size_per_device_for_experience = 4
     config.actor.entropy_coeff = 1e-2  # the entropy's gradient is part of what must match
+    config.actor.shared_prompt = False  # each feature on its own unless a test turns it on
     for key, value in actor.items():
         setattr(config.actor, key, value)
     worker = ActorRolloutRefWorker(config, device="cpu", need_ref=True, seed=0)
@@ -109,8 +110,8 @@ def run_step(tiny_world: Path, data: DataProto, with_old_pass: bool = True, **ac
 
 @pytest.fixture(scope="module")
 def plain(tiny_world, batch) -> dict:
-    """Full logits, fixed-size micro-batches, separate old-log-prob pass."""
-    return run_step(tiny_world, batch, logprob_chunk_size=0, dynamic_batching=False)
+    """Full logits, fixed-size micro-batches, every row's prompt run on its own, separate old-log-prob pass."""
+    return run_step(tiny_world, batch, logprob_chunk_size=0, dynamic_batching=False, shared_prompt=False)
 
 
 def assert_same_step(ours: dict, reference: dict, keys=("actor/loss", "actor/pg_loss", "actor/kl_loss")) -> None:
@@ -185,9 +186,13 @@ def test_shared_prompt_step_equals_the_plain_step(tiny_world, batch, plain):
     assert_same_step(shared, plain)
 
 
-def test_shared_prompt_and_padding_free_together_are_refused_at_load():
+def test_shared_prompt_is_on_by_default_unless_padding_free_and_refused_together_with_it():
     config = WorkerConfig()
-    config.actor.shared_prompt = config.actor.padding_free = True
+    assert config.actor.shared_prompt is None and config.actor.shares_prompts
+    config.actor.padding_free = True
+    assert not config.actor.shares_prompts
+    config.actor.check("worker.actor")
+    config.actor.shared_prompt = True
     with pytest.raises(ConfigError, match="worker.actor.shared_prompt"):
         config.actor.check("worker.actor")
 

@@ -104,6 +104,7 @@ def worker_config(tiny_world: Path) -> WorkerConfig:
     config.actor.optim.training_steps = 10
     config.actor.micro_batch_size_per_device_for_update = MICRO_BATCH
     config.actor.micro_batch_size_per_device_for_experience = MICRO_BATCH
+    config.actor.shared_prompt = False  # the plain path; one test turns it on for the Ray workers
     return config
 
 

@@ -178,11 +178,12 @@ class ActorConfig:
     model.attn_implementation=flash_attention_2 (variable-length kernels on GPU); with sdpa or eager
     the rows share one block-diagonal mask whose cost grows with the square of the micro-batch's
     token count, so keep it off there or bound micro-batches by dynamic_batching."""
-    shared_prompt: bool = False
+    shared_prompt: bool | None = None
     """Encode each GRPO group's prompt (vision tower included) once per micro-batch and run its
     responses against the prompt's key/value cache, in the old/ref log-prob passes and in the
     update (the update only without gradient checkpointing, which drops caches). Values and
-    gradients equal the plain path's. Not together with padding_free."""
+    gradients equal the plain path's. Costs a key/value cache of rows x (prompt + response) tokens
+    for every layer. Not together with padding_free. null (default): on unless padding_free is."""
     dynamic_batching: bool = False
     """Form micro-batches (old/ref log-probs and update) by a token budget per device,
     `max_token_len_per_gpu`, instead of a fixed row count; consecutive rows, so the results and the
@@ -198,6 +199,11 @@ class ActorConfig:
     use_kl_loss: bool = field(default=True, metadata={"derived": True})
     kl_penalty: str = field(default="low_var_kl", metadata={"derived": True})
     kl_coef: float = field(default=1e-2, metadata={"derived": True})
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether forwards run each group's prompt once (`shared_prompt`, resolved)."""
+        return self.shared_prompt if self.shared_prompt is not None else not self.padding_free
 
     def check(self, prefix: str) -> None:
         require(self.ppo_epochs >= 1, f"{prefix}.ppo_epochs", "must be at least 1")
@@ -215,7 +221,7 @@ class ActorConfig:
         require(self.logprob_chunk_size >= 0, f"{prefix}.logprob_chunk_size", "must be >= 0 (0: full logits)")
         require(self.max_token_len_per_gpu > 0, f"{prefix}.max_token_len_per_gpu", "must be positive")
         require(
-            not (self.shared_prompt and self.padding_free),
+            not (self.shared_prompt is True and self.padding_free),
             f"{prefix}.shared_prompt",
             f"cannot be combined with {prefix}.padding_free yet; turn one of them off",
         )

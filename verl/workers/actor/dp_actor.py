@@ -228,7 +228,7 @@ class DataParallelActor:
                     self.config.logprob_chunk_size,
                     with_entropy,
                     padding_free=self.config.padding_free,
-                    shared_prompt=self.config.shared_prompt,
+                    shared_prompt=self.config.shares_prompts,
                 )
                 log_probs.append(micro_log_probs.cpu())
                 if with_entropy:
@@ -295,7 +295,7 @@ class DataParallelActor:
             keep_logits=full_kl,
             padding_free=cfg.padding_free,
             # Transformers drops key/value caches under gradient checkpointing in training.
-            shared_prompt=cfg.shared_prompt and not _uses_gradient_checkpointing(self.model),
+            shared_prompt=cfg.shares_prompts and not _uses_gradient_checkpointing(self.model),
         )
         device = log_probs.device
         mask = mask.to(device)
