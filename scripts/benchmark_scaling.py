@@ -10,8 +10,9 @@ variant scores exactly the same tokens.
 
 Variants: plain (full logits, fixed micro-batches, separate old-log-prob pass); each feature alone
 (chunked log-probs, on-policy shortcut, token-budget micro-batches); packed (padding-free rows in
-token-budget micro-batches); all on (the defaults plus dynamic batching and padding-free); shared
-(one prompt forward per group); shared_all (shared with chunked log-probs and the on-policy shortcut). On CPU
+token-budget micro-batches); packed_all (chunked, on-policy, dynamic batching and padding-free);
+shared (one prompt forward per group); defaults (the config's defaults: chunked log-probs, the
+on-policy shortcut and shared prompts). On CPU
 the packed rows attend through sdpa with a block-diagonal mask, whose cost grows with the square of
 a micro-batch's tokens; flash-attention's variable-length kernel on GPU has no such cost.
 
@@ -46,8 +47,8 @@ VARIANTS = {
     "dynamic": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True, "padding_free": False},
     "packed": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": True, "padding_free": True},
     "shared": {"logprob_chunk_size": 0, "on_policy": False, "dynamic_batching": False, "shared_prompt": True},
-    "shared_all": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": False, "shared_prompt": True},
-    "all_on": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": True, "padding_free": True},
+    "defaults": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": False, "shared_prompt": True},
+    "packed_all": {"logprob_chunk_size": 256, "on_policy": True, "dynamic_batching": True, "padding_free": True},
 }
 
 
@@ -78,6 +79,13 @@ def sample_batch(
     """`n` responses of up to `length` tokens to each of the first `prompts` digit-sum prompts; with
     `image_tokens`, every image is resized to that many merged tokens (28 x 28 pixels each)."""
     pixels = image_tokens * 28 * 28 if image_tokens else None
+    if pixels:
+        # The processor clamps images to its own pixel bounds too (the tiny world's are small).
+        image_processor = worker.processor.image_processor
+        image_processor.size = {"shortest_edge": min(pixels, 3136), "longest_edge": pixels}
+        for name, value in (("min_pixels", min(pixels, 3136)), ("max_pixels", pixels)):
+            if hasattr(image_processor, name):
+                setattr(image_processor, name, value)
     ds = PromptDataset(
         os.path.join(world, "data", "digit_sum", "val.parquet"),
         worker.tokenizer,
@@ -86,6 +94,7 @@ def sample_batch(
             format_prompt=os.path.join(ROOT, "examples/format_prompt/see_think.jinja"),
             min_pixels=pixels,
             max_pixels=pixels,
+            max_prompt_length=8192,
         ),
     )
     batch = collate_prompts([ds[i] for i in range(prompts)], worker.tokenizer.pad_token_id)
