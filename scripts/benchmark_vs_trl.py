@@ -58,7 +58,6 @@ def convert_assets(assets: Path, out: Path) -> tuple[Path, Path]:
     """The anchor's model folder and dataset in our formats: a model folder whose processor is the
     standard Qwen2.5-VL one, and a parquet file with problem / images / answer columns."""
     import datasets
-
     from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     model = out / "model"
