@@ -19,9 +19,9 @@ import pytest
 from tests.test_trainer import COMPARED, ROOT, read_metrics, run_args
 from verl.reward import RewardFunction, RewardFunctionError
 from verl.trainer import sft
+from verl.trainer.accounting import groups_left_out
 from verl.trainer.interrupt import Interrupted, checkpoint_guard, stop_on_signals
 from verl.trainer.main import main
-from verl.trainer.ppo_trainer import groups_left_out
 from verl.utils.tracking import Tracker
 
 POISONED = str(ROOT / "tests" / "rewards" / "poisoned.py") + ":compute_score"

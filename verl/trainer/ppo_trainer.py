@@ -21,6 +21,7 @@ from tqdm import tqdm
 from verl.algorithms import core_algos
 from verl.protocol import DataProto, SamplingParams
 from verl.reward import RewardFunction, RewardFunctionError, RewardInput, aggregate_reward_metrics
+from verl.trainer.accounting import group_rows, groups_left_out
 from verl.trainer.config import PPOConfig
 from verl.trainer.interrupt import checkpoint_guard
 from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics
@@ -124,7 +125,7 @@ class PPOTrainer:
 
             metrics.update(compute_data_metrics(batch))
             metrics.update(compute_throughput_metrics(batch, timings))
-            self.tracker.log_rows(_group_rows(batch), step=self.global_step, dropped=self.dropped_rows)
+            self.tracker.log_rows(group_rows(batch), step=self.global_step, dropped=self.dropped_rows)
             self.tracker.log(metrics, step=self.global_step)
             # Saved after logging: a run killed once this checkpoint exists resumes after this step,
             # so its metrics must be written already (a resumed run drops what was logged after).
@@ -184,7 +185,7 @@ class PPOTrainer:
                 return batch, metrics
             scores = np.array([s[algo.filter_key] for s in batch.non_tensor_batch["reward_scores"]], dtype=float)
             mask = core_algos.informative_groups(scores, batch.non_tensor_batch["uid"])
-            self.dropped_rows["filtered"] += _group_rows(batch, ~mask)
+            self.dropped_rows["filtered"] += group_rows(batch, ~mask)
             kept.append(batch[mask])
             kept_prompts = sum(len(b) for b in kept) // self.config.worker.rollout.n
             if kept_prompts >= target_prompts or refills >= algo.max_refills:
@@ -194,7 +195,7 @@ class PPOTrainer:
         batch = DataProto.concat(kept)
         # Informative groups beyond the step's prompt count (from the last refill) are left out too.
         surplus = np.arange(len(batch)) >= target_prompts * self.config.worker.rollout.n
-        self.dropped_rows["surplus"] += _group_rows(batch, surplus)
+        self.dropped_rows["surplus"] += group_rows(batch, surplus)
         batch = batch[~surplus]
         metrics["dynamic_sampling/refills"] = float(refills)
         metrics["dynamic_sampling/kept_prompts"] = float(len(batch) // self.config.worker.rollout.n)
@@ -265,8 +266,8 @@ class PPOTrainer:
                 f"step {self.global_step}: every group had a sample whose reward failed "
                 f"({len(bad_uids)} groups dropped); nothing is left to train on"
             )
-        self.dropped_rows["bad_sample"] += _group_rows(batch, bad)
-        self.dropped_rows["divisibility"] += _group_rows(batch, trimmed)
+        self.dropped_rows["bad_sample"] += group_rows(batch, bad)
+        self.dropped_rows["divisibility"] += group_rows(batch, trimmed)
         if trimmed.any():
             logger.warning(
                 "step %d: also left out %d intact group(s) so the rows divide over %d workers",
@@ -481,33 +482,6 @@ def old_log_prob_pass_skippable(config: PPOConfig) -> bool:
         and actor.global_batch_size == config.data.rollout_batch_size
         and not kl_in_reward
     )
-
-
-def groups_left_out(uids: np.ndarray, bad_uids: set[str], world_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which samples leave the step, as two boolean masks over `uids` (one group id per sample):
-    the samples of the groups in `bad_uids`, and those of the intact groups also left out so the
-    samples kept divide by `world_size` (the update shares each mini-batch out over the workers).
-    The intact groups go last first, while more than one group is kept."""
-    bad = np.array([str(uid) in bad_uids for uid in uids], dtype=bool)
-    trimmed = np.zeros(len(uids), dtype=bool)
-    kept_uids = list(dict.fromkeys(str(uid) for uid, left_out in zip(uids, bad, strict=True) if not left_out))
-    while int((~bad & ~trimmed).sum()) % world_size and len(kept_uids) > 1:
-        trimmed |= np.array([str(uid) == kept_uids[-1] for uid in uids], dtype=bool)
-        kept_uids.pop()
-    return bad, trimmed
-
-
-def _group_rows(batch: DataProto, selected: np.ndarray | None = None) -> list[int]:
-    """The dataset row of each group in the batch (one per prompt), in batch order; with `selected`
-    (a boolean mask over the samples), of the groups of the selected samples only."""
-    nt = batch.non_tensor_batch
-    if "row_index" not in nt:
-        return []
-    rows: dict[str, int] = {}  # insertion-ordered: groups in batch order
-    for i, (uid, row) in enumerate(zip(nt["uid"], nt["row_index"], strict=True)):
-        if selected is None or selected[i]:
-            rows.setdefault(str(uid), int(row))
-    return list(rows.values())
 
 
 def _object_column(values: list[Any]) -> np.ndarray:
