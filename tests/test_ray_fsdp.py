@@ -222,6 +222,13 @@ def test_two_workers_match_one_on_the_first_step(scenario):
     assert_step_matches(scenario.step1_ray, scenario.step1_local)
 
 
+def test_ray_group_exposes_only_registered_methods(scenario):
+    # As the in-process group (tests/test_layers.py): a call that works locally cannot fail only on Ray.
+    assert callable(scenario.group.compute_log_probs)
+    with pytest.raises(AttributeError, match="'_build_model' is not a @register'ed method"):
+        scenario.group._build_model()
+
+
 def test_two_worker_checkpoint_resumes_on_one_worker(scenario):
     assert (scenario.saves / "two_workers" / "optimizer" / ".metadata").is_file()
     torch.testing.assert_close(scenario.resumed_log_probs, scenario.ray_log_probs, atol=LOG_PROB_ATOL, rtol=0)
