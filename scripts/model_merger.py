@@ -164,7 +164,9 @@ def load_rank_file(path: str) -> dict[str, torch.Tensor]:
         warnings.filterwarnings("ignore", message=".*DeviceMesh.*")
         try:
             # Mapped rather than read where the format allows (the zip format torch.save writes by default).
-            state = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+            # weights_only: no arbitrary pickle from a checkpoint folder; torch allowlists DTensor and its
+            # placements and mesh for it.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:
             raise ValueError(f"{path}: not a readable torch.save file ({error})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
