@@ -229,7 +229,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "checkpoints/tiny_experiment")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--report_name", default="tiny_world_experiment", help="file stem of the .md/.json/.png")
+    parser.add_argument(
+        "--report_only", action="store_true", help="rewrite the .md and .png from the .json of an earlier run"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((args.out / f"{args.report_name}.json").read_text()), args)
+        return
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
@@ -332,16 +338,23 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         f"![results]({args.report_name}.png)",
     ]
     (args.out / f"{args.report_name}.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     labels = ["cold start"] + list(args.variants)
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         values = [cold[args.variants[-1]][key]] + [means[v][key] for v in args.variants]
-        ax.bar([x + i * width for x in range(len(labels))], values, width, label=key.replace("_", " "))
+        # Error bars: the t-interval, clipped to [0, 1] (a metric's range) for drawing.
+        errors = [[0.0], [0.0]]
+        for v in args.variants:
+            interval = results["summary"][v][key]
+            errors[0].append(means[v][key] - max(0.0, interval[1]) if interval else 0.0)
+            errors[1].append(min(1.0, interval[2]) - means[v][key] if interval else 0.0)
+        positions = [x + i * width for x in range(len(labels))]
+        ax.bar(positions, values, width, yerr=errors, capsize=2, label=key.replace("_", " "))
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=15)
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("held-out test split, greedy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("held-out test split, greedy; bars: mean over seeds, whiskers: 95% t-interval")
     fig.tight_layout()
     fig.savefig(args.out / f"{args.report_name}.png", dpi=120)
     print("\n".join(lines))
