@@ -27,8 +27,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(c, H) x (V, H) -> (c, V) tempered logits in the compute dtype.
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., H) x (V, H) -> (..., V) tempered logits in the compute dtype.
 
     The product is taken in the weight's dtype, as the model's own `lm_head` would (a bf16 model
     gives bf16 logits), and only then upcast: the result matches `model(...).logits.float()`.
@@ -64,7 +64,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         entropy = hidden.new_empty(n, dtype=out_dtype) if with_entropy else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight, temperature)
+            logits = lm_head_logits(hidden[start:end], weight, temperature)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             lse[start:end] = chunk_lse
             log_probs[start:end] = logits.gather(1, tokens[start:end, None]).squeeze(1) - chunk_lse
@@ -101,7 +101,7 @@ class ChunkedLogProbs(torch.autograd.Function):
             end = min(start + chunk_size, n)
             chunk_lse = lse[start:end, None]
             # log p, in place over the recomputed logits; this buffer becomes d(loss)/d(logits).
-            grad = _chunk_logits(hidden[start:end], weight, temperature).sub_(chunk_lse)
+            grad = lm_head_logits(hidden[start:end], weight, temperature).sub_(chunk_lse)
             if grad_entropy is not None:
                 probs = grad.exp()
                 # dH/dz = -p * (log p + H)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from verl.algorithms import core_algos
-from verl.models.logprobs import chunked_log_probs, response_log_probs, selected_log_probs
+from verl.models.logprobs import chunked_log_probs, lm_head_logits, response_log_probs, selected_log_probs
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.models.packing import PackedRows, pack_rows
 from verl.models.shared_prompt import prompt_groups, shared_prompt_hidden
@@ -24,17 +24,19 @@ from verl.workers.optimizer import clip_and_step
 
 
 def _forward_inputs(
-    model: torch.nn.Module, micro: DataProto, padding_free: bool = False
+    model: torch.nn.Module, micro: DataProto, padding_free: bool = False, image_rows: list[int] | None = None
 ) -> tuple[dict[str, Any], PackedRows | None]:
     """The model's keyword inputs for a micro-batch, on the model's device, and its packed form if asked.
 
     Padding-free (verl.models.packing): one (1, N) sequence of the rows' real tokens, no attention mask.
+    `image_rows`: the rows whose images go in (default: every row's).
     """
     position_ids = micro.batch["position_ids"]
     device = next(model.parameters()).device
-    multimodal = {
-        k: v.to(device) for k, v in batch_multimodal_inputs(micro.non_tensor_batch["multi_modal_inputs"]).items()
-    }
+    per_row = micro.non_tensor_batch["multi_modal_inputs"]
+    if image_rows is not None:
+        per_row = [per_row[row] for row in image_rows]
+    multimodal = {k: v.to(device) for k, v in batch_multimodal_inputs(per_row).items()}
     if padding_free:
         packed = pack_rows(
             micro.batch["input_ids"], micro.batch["attention_mask"], position_ids, micro.batch["responses"].shape[1]
@@ -149,13 +151,10 @@ def _shared_prompt_log_probs(
     groups = prompt_groups(
         micro.batch["input_ids"][:, :prompt_length], micro.batch["attention_mask"][:, :prompt_length], multimodal
     )
-    inputs, _ = _forward_inputs(model, micro)
+    # The images of the distinct prompts only: the prompt forward is the one that sees them.
+    inputs, _ = _forward_inputs(model, micro, image_rows=groups.first_rows.tolist())
     device = inputs["input_ids"].device
-    first_rows = groups.first_rows.tolist()
-    prompt_multimodal = {
-        k: v.to(device)
-        for k, v in batch_multimodal_inputs([multimodal[i] for i in first_rows] if multimodal else []).items()
-    }
+    prompt_multimodal = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
     reset_rope_cache(model)
     hidden, weight = shared_prompt_hidden(
         model,
@@ -172,10 +171,7 @@ def _shared_prompt_log_probs(
             hidden.reshape(batch * length, -1), weight, tokens.reshape(-1), temperature, chunk_size, with_entropy
         )
         return log_probs.view(batch, length), (entropy.view(batch, length) if entropy is not None else None), None
-    # As the model's own LM head: the product in the weight's dtype, then upcast.
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
-    if temperature > 0:
-        logits = logits / temperature
+    logits = lm_head_logits(hidden, weight, temperature)
     entropy = core_algos.entropy_from_logits(logits) if with_entropy else None
     return token_log_probs(logits, tokens), entropy, (logits if keep_logits else None)
 
