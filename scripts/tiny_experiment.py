@@ -1,6 +1,8 @@
 """The tiny-world Vision-SR1 experiment: reward setups x seeds, equal budgets, from one cold start.
 
     python scripts/tiny_experiment.py --steps 30 --seeds 1 2 3 --out docs/results
+    python scripts/tiny_experiment.py --task digit_mix --seeds 1 2 3 4 5 --jobs 2 \\
+        --variants cot see_think self_reward self_reward_decoupled --report_name tiny_world_guessing
     python scripts/tiny_experiment.py --lr 1e-3 --variants self_reward self_reward_gain \\
         self_reward_gain_consistency --report_name tiny_world_counterfactual_lr1e-3
 
@@ -17,10 +19,17 @@ Every model (the cold start and each trained one) is evaluated greedily on the h
 - consistency: the see-think response's boxed answer equals the answer its own description leads to
   in that text-only pass (0 without a description), as the reward function defines it;
 - prior accuracy: the same text-only pass asked with the question alone (the counterfactual
-  baseline), i.e. what the question's answer prior gives without any image information.
+  baseline), i.e. what the question's answer prior gives without any image information;
+- right answer, wrong description: the share of test rows whose answer is right while the
+  see-think description does not name both digits (a right answer the model did not see).
+With `--task digit_mix` (the digit_sum images, about half asked as "...: 7 or 12?", where a blind
+guess is right half the time) training and evaluation use digit_mix, and every metric is also
+reported per kind of question (`sum_...`, `choice_...`).
+Variants are compared with `--baseline` seed by seed (same seed = same first rollout and data
+order): the mean paired difference and its 95% t-interval.
 Each metric is summarised per variant by its mean over seeds and a 95% t-interval (n - 1 degrees of
 freedom; with 2 seeds t = 12.7, so such an interval is wide by construction).
-Writes `<report_name>.md`, `.json` and `.png` into --out.
+Writes `<report_name>.md`, `.json`, `.png` (end points) and `_curves.png` (validation curves) into --out.
 """
 
 from __future__ import annotations
@@ -87,7 +96,17 @@ VARIANTS = {
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 T_975_LARGE = 2.042
 SEE_THINK = "examples/format_prompt/see_think.jinja"
-METRICS = ["answer_accuracy", "perception_accuracy", "description_accuracy", "consistency", "prior_accuracy"]
+METRICS = [
+    "answer_accuracy",
+    "perception_accuracy",
+    "description_accuracy",
+    "consistency",
+    "prior_accuracy",
+    "right_answer_wrong_description",
+]
+KINDS = ("sum", "choice")
+KIND_METRICS = ["answer_accuracy", "perception_accuracy", "prior_accuracy", "right_answer_wrong_description"]
+CURVE_KEYS = ("val/reward/accuracy", "val/reward/description_accuracy")
 
 
 def names_both_digits(description: str | None, digits: list[int]) -> bool:
@@ -106,7 +125,27 @@ def t_interval(values: list[float]) -> tuple[float, float, float] | None:
     return mean, mean - half, mean + half
 
 
-def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dict[str, float]:
+def metric_keys(results: dict, variants: list[str]) -> list[str]:
+    """METRICS, then the per-kind metrics (digit_mix), each where the runs have it (older reports lack some)."""
+    first = next(iter(results[variants[0]].values()))
+    return [k for k in METRICS + [f"{kind}_{m}" for kind in KINDS for m in KIND_METRICS] if k in first]
+
+
+def val_curve(run_dir: Path) -> dict[str, dict[str, float]]:
+    """The run's validation metrics (CURVE_KEYS) by step, from its metrics.jsonl."""
+    curve: dict[str, dict[str, float]] = {}
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        return curve
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        values = {k: record[k] for k in CURVE_KEYS if k in record}
+        if values:
+            curve.setdefault(str(record["step"]), {}).update(values)
+    return curve
+
+
+def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int, task: str = "digit_sum") -> dict[str, float]:
     """Greedy held-out metrics of one model (see the module docstring)."""
     import torch
 
@@ -122,7 +161,7 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
     model = load_model(model_dir, torch.float32, "sdpa")
     engine = HFRollout(model, tokenizer, micro_batch_size=128)
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=48)
-    test = str(world / "data/digit_sum/test.parquet")
+    test = str(world / "data" / task / "test.parquet")
 
     def answers(prompt_file: str) -> tuple[list[str], PromptDataset]:
         ds = PromptDataset(test, tokenizer, processor, PromptDatasetConfig(format_prompt=prompt_file))
@@ -138,7 +177,7 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
 
     own, ds = answers(format_prompt)
     truths = [ds[i]["ground_truth"] for i in range(len(own))]
-    accuracy = statistics.mean(grade_answer(extract_boxed(r), t) for r, t in zip(own, truths))
+    right = [grade_answer(extract_boxed(r), t) for r, t in zip(own, truths)]
     see_think, _ = answers(SEE_THINK) if format_prompt != SEE_THINK else (own, ds)
     stage = SelfRewardStage(
         SelfRewardConfig(
@@ -156,28 +195,39 @@ def evaluate(model_dir: str, world: Path, format_prompt: str, limit: int) -> dic
         see_think, questions, truths, lambda p: engine.generate(p, p.meta_info["sampling"]), greedy, uids
     )
     digits = [list(ds[i]["extra"]["digits"]) for i in range(len(see_think))]
-    perception = statistics.mean(names_both_digits(d, g) for d, g in zip(result.descriptions, digits))
-    description_accuracy = statistics.mean(
-        bool(a) and grade_answer(extract_boxed(a[0]), t) for a, t in zip(result.answers, truths)
-    )
+    seen = [names_both_digits(d, g) for d, g in zip(result.descriptions, digits)]
     led_to = [leading_answer(a or []) for a in result.answers]
-    consistency = statistics.mean(
-        answer is not None and grade_answer(extract_boxed(r), answer) for r, answer in zip(see_think, led_to)
-    )
     assert result.prior_answers is not None
-    prior_accuracy = statistics.mean(answers_accuracy(a, t) for a, t in zip(result.prior_answers, truths))
-    return {
-        "answer_accuracy": accuracy,
-        "perception_accuracy": perception,
-        "description_accuracy": description_accuracy,
-        "consistency": consistency,
-        "prior_accuracy": prior_accuracy,
-        "description_rate": result.metrics["self_reward/description_rate"],
+    per_row = {
+        "answer_accuracy": right,
+        "perception_accuracy": seen,
+        "description_accuracy": [
+            bool(a) and grade_answer(extract_boxed(a[0]), t) for a, t in zip(result.answers, truths)
+        ],
+        "consistency": [a is not None and grade_answer(extract_boxed(r), a) for r, a in zip(see_think, led_to)],
+        "prior_accuracy": [answers_accuracy(a, t) for a, t in zip(result.prior_answers, truths)],
+        "right_answer_wrong_description": [r and not v for r, v in zip(right, seen)],
     }
+    metrics = {key: statistics.mean(map(float, values)) for key, values in per_row.items()}
+    metrics["description_rate"] = result.metrics["self_reward/description_rate"]
+    kinds = [ds[i]["extra"].get("kind") for i in range(len(see_think))]
+    for kind in KINDS if "choice" in kinds else ():
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        for key in KIND_METRICS:
+            metrics[f"{kind}_{key}"] = statistics.mean(float(per_row[key][i]) for i in rows)
+    return metrics
 
 
 def train(
-    variant: str, seed: int, steps: int, cold_start: str, world: Path, run_dir: Path, jobs: int, lr: float | None
+    variant: str,
+    seed: int,
+    steps: int,
+    cold_start: str,
+    world: Path,
+    run_dir: Path,
+    jobs: int,
+    lr: float | None,
+    task: str = "digit_sum",
 ) -> float | None:
     """Train one run and return its wall time; a run whose final checkpoint exists is not trained
     again (its recorded time is returned, or None when there is none)."""
@@ -190,8 +240,8 @@ def train(
         "-m",
         "verl.trainer.main",
         "config=examples/tiny_world/self_reward.yaml",
-        f"data.train_files={world / 'data/digit_sum/train.parquet'}",
-        f"data.val_files={world / 'data/digit_sum/val.parquet'}",
+        f"data.train_files={world / 'data' / task / 'train.parquet'}",
+        f"data.val_files={world / 'data' / task / 'val.parquet'}",
         f"data.format_prompt={spec['format']}",
         f"worker.reward.reward_function={spec['reward']}",
         f"worker.actor.model.model_path={cold_start}",
@@ -226,6 +276,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one torch thread each)")
     parser.add_argument("--eval_limit", type=int, default=256, help="test questions evaluated")
     parser.add_argument("--lr", type=float, default=None, help="worker.actor.optim.lr (default: the YAML's)")
+    parser.add_argument(
+        "--task", choices=("digit_sum", "digit_mix"), default="digit_sum", help="dataset under <world>/data"
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="variant the others are compared with, seed by seed (default: see_think if run)",
+    )
     parser.add_argument("--runs", type=Path, default=ROOT / "checkpoints/tiny_experiment")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--report_name", default="tiny_world_experiment", help="file stem of the .md/.json/.png")
@@ -239,6 +297,15 @@ def main() -> None:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if args.baseline is not None and args.baseline not in args.variants:
+        parser.error(f"--baseline {args.baseline} is not among --variants {args.variants}")
+    if not (args.world / "data" / args.task / "train.parquet").is_file():
+        parser.error(f"{args.world / 'data' / args.task} has no train.parquet; rebuild with scripts/make_tiny_world.py")
+    if args.jobs > 1:
+        # Evaluations run in the pool's threads; one torch thread each keeps them from fighting.
+        import torch
+
+        torch.set_num_threads(1)
     cold_start = args.cold_start or str(args.world / "cold_start" / "model")
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {"cold_start": {}}
@@ -246,33 +313,96 @@ def main() -> None:
     for variant in args.variants:
         fmt = VARIANTS[variant]["format"]
         if fmt not in cold_by_format:
-            cold_by_format[fmt] = evaluate(cold_start, args.world, fmt, args.eval_limit)
+            cold_by_format[fmt] = evaluate(cold_start, args.world, fmt, args.eval_limit, args.task)
         results["cold_start"][variant] = cold_by_format[fmt]
     runs = [(variant, seed) for variant in args.variants for seed in args.seeds]
     # The lr is part of a run's name when given, so runs at different lrs never reuse each other.
     lr_tag = f"_lr{args.lr:g}" if args.lr is not None else ""
+    task_tag = f"_{args.task}" if args.task != "digit_sum" else ""
 
     def run_dir(variant: str, seed: int) -> Path:
-        return args.runs / f"{variant}{lr_tag}_seed{seed}"
+        return args.runs / f"{variant}{task_tag}{lr_tag}_seed{seed}"
 
-    def train_one(run: tuple[str, int]) -> float | None:
+    def train_and_evaluate(run: tuple[str, int]) -> dict:
         variant, seed = run
-        return train(variant, seed, args.steps, cold_start, args.world, run_dir(variant, seed), args.jobs, args.lr)
-
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        seconds = dict(zip(runs, pool.map(train_one, runs)))
-    for variant, seed in runs:
-        model = str(run_dir(variant, seed) / f"global_step_{args.steps}" / "actor")
-        metrics = evaluate(model, args.world, VARIANTS[variant]["format"], args.eval_limit)
-        metrics["train_seconds"] = seconds[(variant, seed)]
-        results.setdefault(variant, {})[seed] = metrics
+        folder = run_dir(variant, seed)
+        seconds = train(variant, seed, args.steps, cold_start, args.world, folder, args.jobs, args.lr, args.task)
+        model = str(folder / f"global_step_{args.steps}" / "actor")
+        metrics = evaluate(model, args.world, VARIANTS[variant]["format"], args.eval_limit, args.task)
         print(variant, seed, json.dumps(metrics), flush=True)
+        return {**metrics, "train_seconds": seconds, "curve": val_curve(folder)}
+
+    # Each pool thread trains a run (a subprocess) and then evaluates it, so evaluations overlap training.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for (variant, seed), metrics in zip(runs, pool.map(train_and_evaluate, runs)):
+            results.setdefault(variant, {})[seed] = metrics
+    keys = metric_keys(results, args.variants)
     results["summary"] = {
-        variant: {key: t_interval([r[key] for r in results[variant].values()]) for key in METRICS}
+        variant: {key: t_interval([r[key] for r in results[variant].values()]) for key in keys}
         for variant in args.variants
     }
     (args.out / f"{args.report_name}.json").write_text(json.dumps(results, indent=2))
     write_report(results, args)
+
+
+def paired_lines(results: dict, args: argparse.Namespace, keys: list[str]) -> list[str]:
+    """Markdown: each variant minus the baseline, seed by seed: mean difference, 95% t-interval, wins."""
+    baseline = args.baseline or ("see_think" if "see_think" in args.variants else args.variants[0])
+    others = [v for v in args.variants if v != baseline]
+    if not others or len(args.seeds) < 2:
+        return []
+    lines = [
+        "",
+        f"Paired differences against `{baseline}` (same seed: same data order and first rollout), mean over"
+        " seeds with the 95% t-interval of the difference, and how many seeds the variant is ahead:",
+        "",
+        "| variant - " + baseline + " | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    base = {str(seed): r for seed, r in results[baseline].items()}
+    for variant in others:
+        cells = []
+        for key in keys:
+            diffs = [r[key] - base[str(seed)][key] for seed, r in results[variant].items() if str(seed) in base]
+            interval = t_interval(diffs)
+            ahead = sum(d > 0 for d in diffs)
+            cell = f"{statistics.mean(diffs):+.3f}"
+            cells.append(
+                cell + (f" [{interval[1]:+.3f}, {interval[2]:+.3f}]" if interval else "") + f" {ahead}/{len(diffs)}"
+            )
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_curves(results: dict, args: argparse.Namespace, path: Path) -> None:
+    """Validation accuracy and description accuracy by step: one line per run, the seeds' mean bold."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(11, 4), sharey=True)
+    for ax, key in zip(axes, CURVE_KEYS):
+        for index, variant in enumerate(args.variants):
+            color = f"C{index}"
+            by_step: dict[int, list[float]] = {}
+            for run in results[variant].values():
+                points = sorted(
+                    (int(step), values[key]) for step, values in run.get("curve", {}).items() if key in values
+                )
+                for step, value in points:
+                    by_step.setdefault(step, []).append(value)
+                if points:
+                    ax.plot(*zip(*points), color=color, alpha=0.25, linewidth=0.8)
+            if by_step:
+                steps = sorted(by_step)
+                ax.plot(steps, [statistics.mean(by_step[s]) for s in steps], color=color, linewidth=2, label=variant)
+        ax.set_title(key)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylim(0, 1)
+    if axes[0].get_legend_handles_labels()[0]:  # reports of earlier runs carry no curves
+        axes[0].legend(fontsize=8)
+    fig.suptitle("validation split, greedy: thin lines are runs, bold lines the mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_report(results: dict, args: argparse.Namespace) -> None:
@@ -281,28 +411,32 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = METRICS
+    keys = metric_keys(results, args.variants)
     command = (
-        f"python scripts/tiny_experiment.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
-        f" --variants {' '.join(args.variants)}"
+        f"python scripts/tiny_experiment.py --task {args.task} --steps {args.steps}"
+        f" --seeds {' '.join(map(str, args.seeds))} --variants {' '.join(args.variants)}"
         + (f" --lr {args.lr:g}" if args.lr is not None else "")
         + f" --report_name {args.report_name}"
     )
     lr_text = f"lr {args.lr:g}" if args.lr is not None else "the YAML's lr"
     lines = [
-        f"# Tiny-world experiment: {', '.join(args.variants)} ({lr_text})",
+        f"# Tiny-world experiment on {args.task}: {', '.join(args.variants)} ({lr_text})",
         "",
         f"Reproduce: `{command}`",
         f"(cold start: `bash train_examples/0-tiny_coldstart_sft.sh`). {args.steps} GRPO steps per run,",
         f"16 prompts x 8 samples, {lr_text}, seeds {args.seeds}; greedy evaluation on {args.eval_limit} held-out",
-        "test images.",
+        f"test images of {args.task}.",
         "",
         "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
         "|---|" + "---|" * len(keys),
     ]
     cold = results["cold_start"]
     for variant in args.variants:
-        lines.append(f"| cold start ({variant} prompt) | " + " | ".join(f"{cold[variant][k]:.3f}" for k in keys) + " |")
+        lines.append(
+            f"| cold start ({variant} prompt) | "
+            + " | ".join(f"{cold[variant].get(k, float('nan')):.3f}" for k in keys)
+            + " |"
+        )
     means = {}
     for variant in args.variants:
         runs = list(results[variant].values())
@@ -312,6 +446,7 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
             interval = results["summary"][variant][k]
             cells.append(f"{means[variant][k]:.3f}" + (f" [{interval[1]:.3f}, {interval[2]:.3f}]" if interval else ""))
         lines.append(f"| {variant} (mean of {len(runs)}) | " + " | ".join(cells) + " |")
+    lines += paired_lines(results, args, keys)
     lines += [
         "",
         "| run | " + " | ".join(k.replace("_", " ") for k in keys) + " | train s |",
@@ -336,13 +471,15 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         interval_note,
         "",
         f"![results]({args.report_name}.png)",
+        "",
+        f"![validation curves]({args.report_name}_curves.png)",
     ]
     (args.out / f"{args.report_name}.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(max(11, len(keys) * 1.3), 4))
     labels = ["cold start"] + list(args.variants)
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
-        values = [cold[args.variants[-1]][key]] + [means[v][key] for v in args.variants]
+        values = [cold[args.variants[-1]].get(key, 0.0)] + [means[v][key] for v in args.variants]
         # Error bars: the t-interval, clipped to [0, 1] (a metric's range) for drawing.
         errors = [[0.0], [0.0]]
         for v in args.variants:
@@ -353,10 +490,12 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         ax.bar(positions, values, width, yerr=errors, capsize=2, label=key.replace("_", " "))
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=15)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("held-out test split, greedy; bars: mean over seeds, whiskers: 95% t-interval")
     fig.tight_layout()
     fig.savefig(args.out / f"{args.report_name}.png", dpi=120)
+    plt.close(fig)
+    plot_curves(results, args, args.out / f"{args.report_name}_curves.png")
     print("\n".join(lines))
 
 

@@ -230,6 +230,32 @@ def test_data_rows_follow_the_schema(tiny_world):
         assert text_rows[0] == twin
 
 
+def test_digit_mix_asks_the_same_images_half_of_them_as_a_two_option_choice(tiny_world):
+    for split in SPLITS:
+        plain = pq.read_table(tiny_world / "data" / "digit_sum" / f"{split}.parquet").to_pylist()
+        mixed = pq.read_table(tiny_world / "data" / "digit_mix" / f"{split}.parquet").to_pylist()
+        assert len(mixed) == len(plain)
+        choices = 0
+        for row, twin in zip(mixed, plain):
+            assert {k: v for k, v in row.items() if k not in ("problem", "kind")} == {
+                k: v for k, v in twin.items() if k != "problem"
+            }
+            if row["kind"] == "sum":
+                assert row["problem"] == twin["problem"]
+                continue
+            assert row["kind"] == "choice"
+            choices += 1
+            match = re.fullmatch(
+                r"<image>What is the sum of the two digits in the image: (\d+) or (\d+)\?", row["problem"]
+            )
+            assert match, row["problem"]
+            options = [match.group(1), match.group(2)]
+            assert row["answer"] in options and options[0] != options[1]
+            assert all(0 <= int(option) <= 18 for option in options)
+        # About half are choices (binomial: 4 standard deviations for the smallest split).
+        assert abs(choices / len(mixed) - 0.5) < 4 * (0.25 / len(mixed)) ** 0.5
+
+
 def test_cold_start_files_are_llama_factory_datasets_with_consistent_targets(tiny_world):
     cold = tiny_world / "data" / "cold_start"
     sizes = DataSizes(**json.loads((tiny_world / "manifest.json").read_text())["sizes"])

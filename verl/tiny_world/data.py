@@ -3,6 +3,10 @@
 digit_sum rows follow the Vision-SR1 RL schema (`problem` with one `<image>`, `answer`, `images`) plus
 `digits` (the true digits, to score perception) and `source_ids` (the scans used, to prove the splits
 are disjoint). The cold-start files follow LLaMA-Factory's sharegpt and alpaca formats.
+
+digit_mix holds the same images as digit_sum, about half of them asked as a two-option question ("...: 7
+or 12?", `kind` "choice", the other `kind` "sum"). A policy can answer those right half the time without
+looking, which is what the visual reward is meant to stop paying for.
 """
 
 import json
@@ -26,6 +30,8 @@ DIGIT_SUM_FEATURES = datasets.Features(
         "source_ids": datasets.List(datasets.Value("int64")),
     }
 )
+DIGIT_MIX_FEATURES = datasets.Features({**DIGIT_SUM_FEATURES, "kind": datasets.Value("string")})
+MAX_SUM = 18
 TEXT_SUM_FEATURES = datasets.Features(
     {
         "problem": datasets.Value("string"),
@@ -73,6 +79,21 @@ def _pair_rows(scans: DigitScans, pairs: np.ndarray) -> tuple[list[dict], list[d
         )
         text_rows.append({"problem": texts.text_sum_problem(left, right), "answer": answer, "digits": [left, right]})
     return image_rows, text_rows
+
+
+def _mix_rows(image_rows: list[dict], rng: np.random.Generator) -> list[dict]:
+    """digit_mix: each digit_sum row, asked with probability 1/2 as a choice between its sum and another
+    sum (uniform over the other 18, in random order)."""
+    rows = []
+    for row in image_rows:
+        if rng.random() < 0.5:
+            total = int(row["answer"])
+            distractor = int(rng.choice([s for s in range(MAX_SUM + 1) if s != total]))
+            options = (total, distractor) if rng.random() < 0.5 else (distractor, total)
+            rows.append({**row, "problem": texts.digit_choice_problem(*options), "kind": "choice"})
+        else:
+            rows.append({**row, "kind": "sum"})
+    return rows
 
 
 def _sharegpt_example(user_text: str, target: str, image_path: str) -> dict:
@@ -137,7 +158,7 @@ def _write_cold_start(cold_dir: Path, scans: DigitScans, train_pairs: np.ndarray
 
 
 def build_data(data_dir: Path, seed: int, sizes: DataSizes) -> dict[str, int]:
-    """Writes digit_sum, text_sum and cold_start under `data_dir`; returns the source-scan count of each split."""
+    """Writes digit_sum, digit_mix, text_sum and cold_start under `data_dir`; returns the source-scan count of each split."""
     scans = load_digit_scans()
     # Independent streams, so changing one size does not reshuffle the other datasets.
     split_rng, train_rng, val_rng, test_rng, cold_rng = (np.random.default_rng([seed, k]) for k in range(5))
@@ -147,9 +168,13 @@ def build_data(data_dir: Path, seed: int, sizes: DataSizes) -> dict[str, int]:
         "val": sample_pairs(sources["val"], sizes.val, val_rng),
         "test": sample_pairs(sources["test"], sizes.test, test_rng),
     }
+    mix_rngs = {split: np.random.default_rng([seed, 5 + k]) for k, split in enumerate(split_pairs)}
     for split, pairs in split_pairs.items():
         image_rows, text_rows = _pair_rows(scans, pairs)
         _write_parquet(data_dir / "digit_sum" / f"{split}.parquet", image_rows, DIGIT_SUM_FEATURES)
+        _write_parquet(
+            data_dir / "digit_mix" / f"{split}.parquet", _mix_rows(image_rows, mix_rngs[split]), DIGIT_MIX_FEATURES
+        )
         _write_parquet(data_dir / "text_sum" / f"{split}.parquet", text_rows, TEXT_SUM_FEATURES)
     cold_pairs = sample_pairs(sources["train"], sizes.cold_start, cold_rng)
     _write_cold_start(data_dir / "cold_start", scans, cold_pairs, split_pairs["val"])

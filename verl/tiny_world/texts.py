@@ -35,6 +35,11 @@ def digit_sum_problem() -> str:
     return IMAGE_PLACEHOLDER + QUESTION
 
 
+def digit_choice_problem(first: int, second: int) -> str:
+    """The two-option twin of the vision question: one option is the sum, so a blind guess is right half the time."""
+    return f"{IMAGE_PLACEHOLDER}What is the sum of the two digits in the image: {first} or {second}?"
+
+
 def text_sum_problem(left: int, right: int) -> str:
     """The RL prompt of the text-only twin task, which states the digits in words."""
     return f"What is the sum of {left} and {right}?"
@@ -63,7 +68,10 @@ def perception_prompt(left: int, right: int) -> str:
 def task_corpus() -> list[str]:
     """Every text the tiny world can produce, for all 100 digit pairs, plus generic English.
 
-    It does not depend on the seed or the data sizes, so every build gets the same tokenizer.
+    It does not depend on the seed or the data sizes, so every build gets the same tokenizer. The
+    two-option questions of digit_mix are left out on purpose: adding them would have changed the
+    tokenizer, and with it every model and measured result of earlier builds; the byte-level BPE
+    encodes them from the pieces it has.
     """
     lines = [digit_sum_problem(), SEE_THINK_INSTRUCTION, THINK_INSTRUCTION, GENERIC_ENGLISH]
     for left in range(10):
