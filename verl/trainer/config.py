@@ -56,9 +56,9 @@ class DataConfig:
     seed: int = 1
     """Seed of the data order."""
     min_pixels: int | None = 784
-    """Images smaller than this many pixels are upscaled."""
+    """Images smaller than this many pixels are upscaled (qwen-vl-utils' smart_resize: sides become multiples of 28). None: no bound."""
     max_pixels: int | None = 4194304
-    """Images larger than this many pixels are downscaled."""
+    """Images larger than this many pixels are downscaled. None: no bound."""
     filter_overlong_prompts: bool = True
     """Drop over-long prompts (with a logged count); False makes an over-long prompt an error."""
     skip_bad_samples: bool = False

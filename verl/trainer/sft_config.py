@@ -41,9 +41,9 @@ class SFTDataConfig:
     max_length: int = 4092
     """Examples with more tokens (image tokens included) are dropped and counted, never truncated."""
     min_pixels: int | None = 784
-    """Images smaller than this many pixels are upscaled."""
+    """Images smaller than this many pixels are upscaled (qwen-vl-utils' smart_resize: sides become multiples of 28). None: no bound."""
     max_pixels: int | None = 262144
-    """Images larger than this many pixels are downscaled (the original cold start's `image_max_pixels`)."""
+    """Images larger than this many pixels are downscaled (the original cold start's `image_max_pixels`). None: no bound."""
     batch_size: int = 128
     """Examples per optimizer step (the original: 8 per device x 2 accumulation steps x 8 GPUs)."""
     shuffle: bool = True

