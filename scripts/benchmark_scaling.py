@@ -77,7 +77,8 @@ def sample_batch(
     worker: ActorRolloutRefWorker, world: str, prompts: int, n: int, length: int, image_tokens: int | None = None
 ) -> DataProto:
     """`n` responses of up to `length` tokens to each of the first `prompts` digit-sum prompts; with
-    `image_tokens`, every image is resized to that many merged tokens (28 x 28 pixels each)."""
+    `image_tokens`, every image is resized to about that many merged tokens (28 x 28 pixels each; the grid
+    rounds it: 256 gives 22 x 11 = 242 for the 2:1 digit pairs)."""
     pixels = image_tokens * 28 * 28 if image_tokens else None
     if pixels:
         # The processor clamps images to its own pixel bounds too (the tiny world's are small).
