@@ -23,8 +23,10 @@ Every model (the cold start and each trained one) is evaluated greedily on the h
 - right answer, wrong description: the share of test rows whose answer is right while the
   see-think description does not name both digits (a right answer the model did not see).
 With `--task digit_mix` (the digit_sum images, about half asked as "...: 7 or 12?", where a blind
-guess is right half the time) training and evaluation use digit_mix, and every metric is also
-reported per kind of question (`sum_...`, `choice_...`).
+guess is right half the time) training and evaluation use digit_mix, every metric is also
+reported per kind of question (`sum_...`, `choice_...`), and the cold start is digit_mix's own
+(`TASK=digit_mix bash train_examples/0-tiny_coldstart_sft.sh`: its see-think examples are asked
+both ways, so it describes the image on choice questions too).
 Variants are compared with `--baseline` seed by seed (same seed = same first rollout and data
 order): the mean paired difference and its 95% t-interval.
 Each metric is summarised per variant by its mean over seeds and a 95% t-interval (n - 1 degrees of
@@ -105,6 +107,9 @@ METRICS = [
     "right_answer_wrong_description",
 ]
 KINDS = ("sum", "choice")
+# The cold start of each task (TASK=... bash train_examples/0-tiny_coldstart_sft.sh): digit_mix's also saw
+# see-think examples asked as choice questions.
+COLD_START_FOLDERS = {"digit_sum": "cold_start", "digit_mix": "cold_start_digit_mix"}
 KIND_METRICS = ["answer_accuracy", "perception_accuracy", "prior_accuracy", "right_answer_wrong_description"]
 CURVE_KEYS = ("val/reward/accuracy", "val/reward/description_accuracy")
 
@@ -269,7 +274,12 @@ def train(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=Path, default=ROOT / "tiny_world")
-    parser.add_argument("--cold_start", default=None, help="default: <world>/cold_start/model")
+    parser.add_argument(
+        "--cold_start",
+        default=None,
+        help="default: <world>/cold_start/model, with --task digit_mix <world>/cold_start_digit_mix/model "
+        "(made by `TASK=digit_mix bash train_examples/0-tiny_coldstart_sft.sh`)",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -306,7 +316,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-    cold_start = args.cold_start or str(args.world / "cold_start" / "model")
+    cold_start = args.cold_start or str(args.world / COLD_START_FOLDERS[args.task] / "model")
+    if not Path(cold_start, "config.json").is_file():
+        parser.error(f"no cold-start model at {cold_start}; see --cold_start")
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {"cold_start": {}}
     cold_by_format: dict[str, dict[str, float]] = {}  # variants sharing a prompt format share the cold start's

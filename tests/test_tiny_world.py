@@ -262,6 +262,7 @@ def test_cold_start_files_are_llama_factory_datasets_with_consistent_targets(tin
     info = json.loads((cold / "dataset_info.json").read_text())
     expected_counts = {
         "digit_sum_seethink": sizes.cold_start,
+        "digit_mix_seethink": sizes.cold_start,
         "digit_sum_think": sizes.cold_start,
         "digit_sum_text_only": sizes.cold_start,
         "digit_sum_seethink_val": sizes.val,
@@ -294,6 +295,23 @@ def test_cold_start_files_are_llama_factory_datasets_with_consistent_targets(tin
             assert int(left) + int(right) == int(total) == int(boxed)
             if "seethink" in name:
                 assert (described_left, described_right) == (left, right)
+    # The mixed set: the same images and targets as the see-think set, about half asked as a choice
+    # whose options hold the true sum.
+    plain = json.loads((cold / "seethink.json").read_text())
+    mixed = json.loads((cold / "seethink_mix.json").read_text())
+    choice = re.compile(r"<image>What is the sum of the two digits in the image: (\d+) or (\d+)\? First describe .*")
+    choices = 0
+    for plain_example, mixed_example in zip(plain, mixed, strict=True):
+        assert mixed_example["images"] == plain_example["images"]
+        assert mixed_example["messages"][1] == plain_example["messages"][1]
+        user = mixed_example["messages"][0]["content"]
+        if user == plain_example["messages"][0]["content"]:
+            continue
+        options = choice.fullmatch(user).groups()
+        total = think.search(plain_example["messages"][1]["content"]).group(4)
+        assert total in options and options[0] != options[1]
+        choices += 1
+    assert abs(choices / len(mixed) - 0.5) < 4 * (0.25 / len(mixed)) ** 0.5
 
 
 def test_same_seed_builds_identical_files_and_another_seed_does_not(tmp_path):

@@ -8,10 +8,13 @@
 #   bash train_examples/0-tiny_coldstart_sft.sh [key=value ...]    # extra keys override the ones below
 #
 # TINY_WORLD      the tiny world (default: tiny_world), built first when missing
-# COLD_START_DIR  where the run goes (default: $TINY_WORLD/cold_start):
+# TASK            digit_sum (default), or digit_mix: the see-think examples are then asked as digit_mix
+#                 asks (half of them two-option questions) and the stop check runs on digit_mix's
+#                 validation split; the cold start of scripts/tiny_experiment.py --task digit_mix
+# COLD_START_DIR  where the run goes (default: $TINY_WORLD/cold_start, or $TINY_WORLD/cold_start_digit_mix):
 #                   checkpoints/        the SFT checkpoints (global_step_<N>/actor, ...)
 #                   model/              the final model, a Hugging Face folder: RL starts from it
-#                   eval_metrics.json   its greedy check on the digit_sum validation split (gen/format,
+#                   eval_metrics.json   its greedy check on the TASK's validation split (gen/format,
 #                                       gen/accuracy, gen/perception) and the held-out loss (val/loss)
 # PYTHON          interpreter (default: .venv/bin/python)
 #
@@ -21,7 +24,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 TINY_WORLD=${TINY_WORLD:-tiny_world}
-COLD_START_DIR=${COLD_START_DIR:-$TINY_WORLD/cold_start}
+TASK=${TASK:-digit_sum}
+case "$TASK" in
+  digit_sum) see_think=seethink.json; COLD_START_DIR=${COLD_START_DIR:-$TINY_WORLD/cold_start} ;;
+  digit_mix) see_think=seethink_mix.json; COLD_START_DIR=${COLD_START_DIR:-$TINY_WORLD/cold_start_digit_mix} ;;
+  *) echo "TASK must be digit_sum or digit_mix, not '$TASK'" >&2; exit 2 ;;
+esac
 # One thread: as fast as two for this model size, and the same numbers from run to run. The step where the
 # model starts reading the digits depends on the arithmetic of the CPU (around 500-550 on the machines
 # measured), hence a stop on the measured target rather than on a step count.
@@ -33,13 +41,13 @@ fi
 
 data="$TINY_WORLD/data/cold_start"
 "$PYTHON" -m verl.trainer.sft config=examples/sft_config.yaml \
-  "data.train_files=[$data/seethink.json,$data/think.json,$data/text_only.json]" \
+  "data.train_files=[$data/$see_think,$data/think.json,$data/text_only.json]" \
   "data.val_files=[$data/seethink_val.json]" \
   data.batch_size=16 \
   model.model_path="$TINY_WORLD/models/qwen2_5_vl" \
   model.freeze_vision_tower=false model.freeze_projector=false \
   optim.lr=1e-3 optim.lr_scheduler_type=constant \
-  eval.generation_files="$TINY_WORLD/data/digit_sum/val.parquet" eval.max_new_tokens=64 \
+  eval.generation_files="$TINY_WORLD/data/$TASK/val.parquet" eval.max_new_tokens=64 \
   "eval.stop_at={gen/format: 0.9, gen/accuracy: 0.3}" trainer.val_freq=25 \
   trainer.experiment_name=tiny_cold_start trainer.max_steps=1500 trainer.micro_batch_size=16 trainer.torch_threads=1 \
   trainer.save_checkpoint_path="$COLD_START_DIR/checkpoints" \

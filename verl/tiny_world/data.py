@@ -6,7 +6,9 @@ are disjoint). The cold-start files follow LLaMA-Factory's sharegpt and alpaca f
 
 digit_mix holds the same images as digit_sum, about half of them asked as a two-option question ("...: 7
 or 12?", `kind` "choice", the other `kind` "sum"). A policy can answer those right half the time without
-looking, which is what the visual reward is meant to stop paying for.
+looking, which is what the visual reward is meant to stop paying for. Its cold-start set
+(cold_start/seethink_mix.json) asks the see-think examples the same way, so that a model starts RL
+describing the image on both kinds of question.
 """
 
 import json
@@ -81,18 +83,24 @@ def _pair_rows(scans: DigitScans, pairs: np.ndarray) -> tuple[list[dict], list[d
     return image_rows, text_rows
 
 
+def _choice_options(total: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    """With probability 1/2, the two options of a choice question on a pair summing to `total`: the sum
+    and another sum (uniform over the other 18), in random order; otherwise None (asked as a sum)."""
+    if rng.random() >= 0.5:
+        return None
+    distractor = int(rng.choice([s for s in range(MAX_SUM + 1) if s != total]))
+    return (total, distractor) if rng.random() < 0.5 else (distractor, total)
+
+
 def _mix_rows(image_rows: list[dict], rng: np.random.Generator) -> list[dict]:
-    """digit_mix: each digit_sum row, asked with probability 1/2 as a choice between its sum and another
-    sum (uniform over the other 18, in random order)."""
+    """digit_mix: each digit_sum row, asked with probability 1/2 as a choice question."""
     rows = []
     for row in image_rows:
-        if rng.random() < 0.5:
-            total = int(row["answer"])
-            distractor = int(rng.choice([s for s in range(MAX_SUM + 1) if s != total]))
-            options = (total, distractor) if rng.random() < 0.5 else (distractor, total)
-            rows.append({**row, "problem": texts.digit_choice_problem(*options), "kind": "choice"})
-        else:
+        options = _choice_options(int(row["answer"]), rng)
+        if options is None:
             rows.append({**row, "kind": "sum"})
+        else:
+            rows.append({**row, "problem": texts.digit_choice_problem(*options), "kind": "choice"})
     return rows
 
 
@@ -108,8 +116,11 @@ def _write_json(path: Path, value: list | dict) -> None:
     path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_cold_start(cold_dir: Path, scans: DigitScans, train_pairs: np.ndarray, val_pairs: np.ndarray) -> None:
-    """Writes the three SFT formats for `train_pairs`, a see-think validation set, the PNGs and dataset_info.json."""
+def _write_cold_start(
+    cold_dir: Path, scans: DigitScans, train_pairs: np.ndarray, val_pairs: np.ndarray, mix_rng: np.random.Generator
+) -> None:
+    """Writes the three SFT formats for `train_pairs`, the see-think set asked as digit_mix asks it, a see-think
+    validation set, the PNGs and dataset_info.json."""
     (cold_dir / "images").mkdir(parents=True, exist_ok=True)
     see_think_prompt = f"{texts.QUESTION} {texts.SEE_THINK_INSTRUCTION}"
     think_prompt = f"{texts.QUESTION} {texts.THINK_INSTRUCTION}"
@@ -119,11 +130,20 @@ def _write_cold_start(cold_dir: Path, scans: DigitScans, train_pairs: np.ndarray
         (cold_dir / relative).write_bytes(pair_png(scans, left_id, right_id))
         return relative
 
-    see_think, think, text_only = [], [], []
+    see_think, see_think_mix, think, text_only = [], [], [], []
     for index, (left_id, right_id) in enumerate(train_pairs.tolist()):
         left, right = int(scans.labels[left_id]), int(scans.labels[right_id])
         image = image_file("train", index, left_id, right_id)
         see_think.append(_sharegpt_example(see_think_prompt, texts.see_think_answer(left, right), image))
+        # The same target on a choice question: the cold start of the digit_mix experiment describes the
+        # image whichever way it is asked, so RL decides whether describing keeps paying.
+        options = _choice_options(left + right, mix_rng)
+        mix_prompt = (
+            see_think_prompt
+            if options is None
+            else f"{texts.digit_choice_question(*options)} {texts.SEE_THINK_INSTRUCTION}"
+        )
+        see_think_mix.append(_sharegpt_example(mix_prompt, texts.see_think_answer(left, right), image))
         think.append(_sharegpt_example(think_prompt, texts.think_answer(left, right), image))
         text_only.append(
             {
@@ -139,6 +159,7 @@ def _write_cold_start(cold_dir: Path, scans: DigitScans, train_pairs: np.ndarray
         see_think_val.append(_sharegpt_example(see_think_prompt, texts.see_think_answer(left, right), image))
 
     _write_json(cold_dir / "seethink.json", see_think)
+    _write_json(cold_dir / "seethink_mix.json", see_think_mix)
     _write_json(cold_dir / "think.json", think)
     _write_json(cold_dir / "text_only.json", text_only)
     _write_json(cold_dir / "seethink_val.json", see_think_val)
@@ -150,6 +171,7 @@ def _write_cold_start(cold_dir: Path, scans: DigitScans, train_pairs: np.ndarray
     alpaca_columns = {"prompt": "instruction", "query": "input", "response": "output"}
     dataset_info = {
         "digit_sum_seethink": sharegpt_entry("seethink.json"),
+        "digit_mix_seethink": sharegpt_entry("seethink_mix.json"),
         "digit_sum_think": sharegpt_entry("think.json"),
         "digit_sum_text_only": {"file_name": "text_only.json", "formatting": "alpaca", "columns": alpaca_columns},
         "digit_sum_seethink_val": sharegpt_entry("seethink_val.json"),
@@ -177,5 +199,5 @@ def build_data(data_dir: Path, seed: int, sizes: DataSizes) -> dict[str, int]:
         )
         _write_parquet(data_dir / "text_sum" / f"{split}.parquet", text_rows, TEXT_SUM_FEATURES)
     cold_pairs = sample_pairs(sources["train"], sizes.cold_start, cold_rng)
-    _write_cold_start(data_dir / "cold_start", scans, cold_pairs, split_pairs["val"])
+    _write_cold_start(data_dir / "cold_start", scans, cold_pairs, split_pairs["val"], np.random.default_rng([seed, 8]))
     return {split: len(ids) for split, ids in sources.items()}

@@ -35,9 +35,14 @@ def digit_sum_problem() -> str:
     return IMAGE_PLACEHOLDER + QUESTION
 
 
+def digit_choice_question(first: int, second: int) -> str:
+    """The two-option twin of QUESTION: one option is the sum, so a blind guess is right half the time."""
+    return f"What is the sum of the two digits in the image: {first} or {second}?"
+
+
 def digit_choice_problem(first: int, second: int) -> str:
-    """The two-option twin of the vision question: one option is the sum, so a blind guess is right half the time."""
-    return f"{IMAGE_PLACEHOLDER}What is the sum of the two digits in the image: {first} or {second}?"
+    """The RL prompt of the two-option question: one image placeholder, then the question."""
+    return IMAGE_PLACEHOLDER + digit_choice_question(first, second)
 
 
 def text_sum_problem(left: int, right: int) -> str:
