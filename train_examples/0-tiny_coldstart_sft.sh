@@ -3,7 +3,8 @@
 # tiny world's cold-start mix (see-think, think, text-only), stopped by a measured target: every 25 steps a
 # greedy check on the digit_sum VALIDATION split (128 held-out scans), and the run ends at the first check
 # where the see-think format is learned (gen/format >= 0.9) and answers are partly right (gen/accuracy >=
-# 0.3), so that RL starts from a model that reads digits but has room to improve; 1500 steps is the cap.
+# 0.3), so that RL starts from a model that reads digits but has room to improve; 1500 steps (five and a third
+# passes over the mix) is the cap.
 #
 #   bash train_examples/0-tiny_coldstart_sft.sh [key=value ...]    # extra keys override the ones below
 #
@@ -49,7 +50,7 @@ data="$TINY_WORLD/data/cold_start"
   optim.lr=1e-3 optim.lr_scheduler_type=constant \
   eval.generation_files="$TINY_WORLD/data/$TASK/val.parquet" eval.max_new_tokens=64 \
   "eval.stop_at={gen/format: 0.9, gen/accuracy: 0.3}" trainer.val_freq=25 \
-  trainer.experiment_name=tiny_cold_start trainer.max_steps=1500 trainer.micro_batch_size=16 trainer.torch_threads=1 \
+  trainer.experiment_name=tiny_cold_start trainer.total_epochs=6 trainer.max_steps=1500 trainer.micro_batch_size=16 trainer.torch_threads=1 \
   trainer.save_checkpoint_path="$COLD_START_DIR/checkpoints" \
   "$@"
 
