@@ -435,7 +435,8 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         f"# Tiny-world experiment on {args.task}: {', '.join(args.variants)} ({lr_text})",
         "",
         f"Reproduce: `{command}`",
-        f"(cold start: `bash train_examples/0-tiny_coldstart_sft.sh`). {args.steps} GRPO steps per run,",
+        f"(cold start: `{'TASK=digit_mix ' if args.task == 'digit_mix' else ''}bash train_examples/0-tiny_coldstart_sft.sh`)."
+        f" {args.steps} GRPO steps per run,",
         f"16 prompts x 8 samples, {lr_text}, seeds {args.seeds}; greedy evaluation on {args.eval_limit} held-out",
         f"test images of {args.task}.",
         "",
