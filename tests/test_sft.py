@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -668,3 +669,29 @@ def test_tiny_cold_start_learns_the_format_and_leaves_room_for_rl(tiny_world, tm
     assert 0.3 <= metrics["gen/accuracy"] <= 0.8  # ... the answers only partly
     assert metrics["gen/perception"] <= 0.8
     AutoModelForImageTextToText.from_pretrained(out / "model")
+
+
+def test_tiny_cold_start_for_digit_mix_trains_on_both_kinds_of_question(tiny_world, tmp_path):
+    """TASK=digit_mix wires the mixed see-think set and digit_mix's validation split through the real
+    script; two steps only (the full run is what scripts/tiny_experiment.py --task digit_mix starts from)."""
+    out = tmp_path / "cold_start"
+    env = {**os.environ, "TINY_WORLD": str(tiny_world), "COLD_START_DIR": str(out), "PYTHON": sys.executable}
+    script = str(ROOT / "train_examples" / "0-tiny_coldstart_sft.sh")
+    result = subprocess.run(
+        ["bash", script, "trainer.logger=[file]", "trainer.max_steps=2", "trainer.val_freq=2"],
+        capture_output=True,
+        text=True,
+        env={**env, "TASK": "digit_mix"},
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SFT ended at the step cap (2)" in result.stdout
+    config = json.loads((out / "checkpoints" / "global_step_2" / "actor" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl"
+    checked = [json.loads(line) for line in (out / "checkpoints" / "generations_step_2.jsonl").read_text().splitlines()]
+    assert any(re.search(r": \d+ or \d+\?$", row["question"]) for row in checked)  # digit_mix's choice questions
+
+    bad = subprocess.run(
+        ["bash", script], capture_output=True, text=True, env={**env, "TASK": "digit_choice"}, cwd=ROOT
+    )
+    assert bad.returncode == 2 and "TASK must be digit_sum or digit_mix, not 'digit_choice'" in bad.stderr
