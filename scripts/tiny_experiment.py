@@ -1,9 +1,10 @@
 """The tiny-world Vision-SR1 experiment: reward setups x seeds, equal budgets, from one cold start.
 
-    python scripts/tiny_experiment.py --steps 30 --seeds 1 2 3 --out docs/results
-    python scripts/tiny_experiment.py --task digit_mix --seeds 1 2 3 4 5 --jobs 2 \\
+    python scripts/tiny_experiment.py --jobs 2 --variants cot see_think self_reward self_reward_decoupled
+    TASK=digit_mix bash train_examples/0-tiny_coldstart_sft.sh   # digit_mix's cold start, then:
+    python scripts/tiny_experiment.py --task digit_mix --jobs 2 \\
         --variants cot see_think self_reward self_reward_decoupled --report_name tiny_world_guessing
-    python scripts/tiny_experiment.py --lr 1e-3 --variants self_reward self_reward_gain \\
+    python scripts/tiny_experiment.py --steps 20 --seeds 1 2 3 --lr 1e-3 --variants self_reward self_reward_gain \\
         self_reward_gain_consistency --report_name tiny_world_counterfactual_lr1e-3
 
 Variants: (a) cot — Vision-R1 style `<think>` + `\\boxed{}` reward; (b) see_think — see-think format
@@ -280,8 +281,8 @@ def main() -> None:
         help="default: <world>/cold_start/model, with --task digit_mix <world>/cold_start_digit_mix/model "
         "(made by `TASK=digit_mix bash train_examples/0-tiny_coldstart_sft.sh`)",
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one torch thread each)")
     parser.add_argument("--eval_limit", type=int, default=256, help="test questions evaluated")
