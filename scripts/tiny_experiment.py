@@ -4,7 +4,7 @@
     TASK=digit_mix bash train_examples/0-tiny_coldstart_sft.sh   # digit_mix's cold start, then:
     python scripts/tiny_experiment.py --task digit_mix --jobs 2 \\
         --variants cot see_think self_reward self_reward_decoupled --report_name tiny_world_guessing
-    python scripts/tiny_experiment.py --steps 20 --seeds 1 2 3 --lr 1e-3 --variants self_reward self_reward_gain \\
+    python scripts/tiny_experiment.py --steps 30 --seeds 1 2 3 --lr 1e-3 --variants self_reward self_reward_gain \\
         self_reward_gain_consistency --report_name tiny_world_counterfactual_lr1e-3
 
 Variants: (a) cot — Vision-R1 style `<think>` + `\\boxed{}` reward; (b) see_think — see-think format
