@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cold start on the tiny world, on CPU in a few minutes: SFT of the random-init tiny Qwen2.5-VL on the
 # tiny world's cold-start mix (see-think, think, text-only), stopped by a measured target: every 25 steps a
-# greedy check on the digit_sum VALIDATION split (128 held-out scans), and the run ends at the first check
+# greedy check on the TASK's VALIDATION split (128 held-out scans), and the run ends at the first check
 # where the see-think format is learned (gen/format >= 0.9) and answers are partly right (gen/accuracy >=
 # 0.3), so that RL starts from a model that reads digits but has room to improve; 1500 steps (five and a third
 # passes over the mix) is the cap.
