@@ -44,16 +44,26 @@ from schema import (
 
 from verl.utils.progress import progress
 
+# The verdicts a judge request ends in ("skipped": no request).
+JUDGE_VERDICTS = ("correct", "incorrect", "unparsed", "error")
+
 
 def needs_judge(row: dict[str, Any], rule_correct: bool) -> bool:
     """Only free-form rows the rules did not accept are worth a judge call."""
     return not rule_correct and not is_multiple_choice(row)
 
 
-def judge_verdict(judge: Judge, cache: JudgeCache, row: dict[str, Any], rule_answer: str | None) -> str:
+def judge_verdict(
+    judge: Judge,
+    cache: JudgeCache,
+    row: dict[str, Any],
+    rule_answer: str | None,
+    failures: list[str] | None = None,
+) -> str:
     """The judge's verdict on one row: a cached reply if there is one, else a new request.
 
-    A request that still fails after the judge's retries gives "error" (never correct).
+    A request that still fails after the judge's retries gives "error" (never correct); its
+    message is appended to `failures` when given, for the run's summary.
     """
     prompt = build_judge_prompt(row, rule_answer)
     reply = cache.get(judge.name, prompt)
@@ -61,7 +71,10 @@ def judge_verdict(judge: Judge, cache: JudgeCache, row: dict[str, Any], rule_ans
         try:
             reply = judge.ask(prompt)
         except JudgeRequestError as error:
-            print(f"warning: row id {row['id']!r}: judge request failed: {error}", file=sys.stderr)
+            message = f"row id {row['id']!r}: judge request failed: {error}"
+            print(f"warning: {message}", file=sys.stderr)
+            if failures is not None:
+                failures.append(message)
             return "error"
         cache.put(judge.name, prompt, reply)
     return parse_verdict(reply)
@@ -85,13 +98,19 @@ def finished_ids(output_path: Path) -> set[str | int]:
 
 
 def grade_file(
-    input_path: Path, output_path: Path, judge: Judge | None, cache: JudgeCache | None, concurrency: int
+    input_path: Path,
+    output_path: Path,
+    judge: Judge | None,
+    cache: JudgeCache | None,
+    concurrency: int,
+    failures: list[str] | None = None,
 ) -> Counter:
     """Grade the rows of `input_path` not yet in `output_path` (see `finished_ids`), appending
     them there as they finish.
 
     With `judge=None` no judge is asked (every verdict is "skipped"). Returns counts: "graded",
-    "already_done", "rule_correct" and one per judge verdict.
+    "already_done", "rule_correct" and one per judge verdict. Failed judge requests' messages are
+    appended to `failures` when given.
     """
     rows = load_generations(input_path)
     done_ids = finished_ids(output_path)
@@ -130,7 +149,7 @@ def grade_file(
             pool = ThreadPoolExecutor(max_workers=concurrency)
             try:
                 futures = {
-                    pool.submit(judge_verdict, judge, cache, row, rule_answer): (row, rule_answer)
+                    pool.submit(judge_verdict, judge, cache, row, rule_answer, failures): (row, rule_answer)
                     for row, rule_answer in to_judge
                 }
                 for future in progress(as_completed(futures), "judge", len(futures), unit="answer"):
@@ -143,8 +162,11 @@ def grade_file(
     return counts
 
 
-def grade_dir(input_dir: Path, output_dir: Path, judge: Judge | None, concurrency: int) -> dict[str, Counter]:
-    """Grade every `<benchmark>.jsonl` of `input_dir` into `output_dir`; counts per file name."""
+def grade_dir(
+    input_dir: Path, output_dir: Path, judge: Judge | None, concurrency: int, failures: list[str] | None = None
+) -> dict[str, Counter]:
+    """Grade every `<benchmark>.jsonl` of `input_dir` into `output_dir`; counts per file name.
+    Failed judge requests' messages are appended to `failures` when given."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if input_dir.resolve() == output_dir.resolve():
         raise ValueError(f"--input_dir and --output_dir are the same folder ({input_dir}); grade into another one")
@@ -160,8 +182,8 @@ def grade_dir(input_dir: Path, output_dir: Path, judge: Judge | None, concurrenc
     cache = JudgeCache(output_dir / JUDGE_CACHE_FILE) if judge is not None else None
     results = {}
     for input_path in input_paths:
-        counts = grade_file(input_path, output_dir / input_path.name, judge, cache, concurrency)
-        verdicts = ", ".join(f"{v} {counts[v]}" for v in ("correct", "incorrect", "unparsed", "error") if counts[v])
+        counts = grade_file(input_path, output_dir / input_path.name, judge, cache, concurrency, failures)
+        verdicts = ", ".join(f"{v} {counts[v]}" for v in JUDGE_VERDICTS if counts[v])
         print(
             f"{input_path.name}: graded {counts['graded']} ({counts['already_done']} already done), "
             f"rules correct {counts['rule_correct']}; judge: {verdicts or 'not asked'}"
@@ -248,8 +270,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def report_judge_failures(results: dict[str, Counter], failures: list[str]) -> int:
+    """The exit status a run's judge failures give, and what to tell the user.
+
+    Every judge answer asked for failed (typically: no server at --judge_base_url): 1, since the
+    graded files then say nothing the rules did not. Some failed: 0 with a warning; their rows are
+    marked "error" (never correct) and a rerun asks again.
+    """
+    asked = sum(counts[verdict] for counts in results.values() for verdict in JUDGE_VERDICTS)
+    failed = sum(counts["error"] for counts in results.values())
+    if not failed:
+        return 0
+    first = failures[0] if failures else "no message"
+    if failed == asked:
+        print(
+            f"error: all {failed} judge requests failed (first: {first}); is the judge server up? "
+            "The rows are marked `error` and a rerun asks the judge again.",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"warning: {failed} of {asked} judge requests failed (first: {first}); "
+        "their rows are marked `error` and a rerun asks the judge again",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    failures: list[str] = []
     try:
         judge = build_judge(
             args.judge,
@@ -260,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             args.retry_backoff,
             args.allow_insecure_http,
         )
-        grade_dir(args.input_dir, args.output_dir, judge, args.concurrency)
+        results = grade_dir(args.input_dir, args.output_dir, judge, args.concurrency, failures)
     except (OSError, ValueError, ImportError) as error:  # bad paths, rows, judge configuration, no openai
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return report_judge_failures(results, failures)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from typing import Any
 from rule_grading import rule_grade
 from schema import is_multiple_choice, load_generations, load_graded
 
+from verl.utils.cli_help import exit_if_no_arguments
+
 JUDGED_DIR = "LLM-Eval-out"
 # Dataset files and MLLM_test `file_name`s whose names differ from the benchmark names used here
 # (eval.py pools mmmu-pro-4/10/vision into its weighted MMMU-Pro, as the original did).
@@ -275,6 +277,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, default=Path("Raw-Outputs-converted"), help="default: %(default)s")
     parser.add_argument("--model", dest="models", action="append", default=[], help="convert this model only (repeat)")
     parser.add_argument("--exclude", action="append", default=[], help="a dataset file stem to leave out (repeat)")
+    # Every option has a default, but a bare run would convert (or fail on) whatever sits at those
+    # relative paths: the usage says what to give instead.
+    exit_if_no_arguments(parser, argv)
     return parser.parse_args(argv)
 
 

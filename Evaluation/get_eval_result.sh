@@ -3,13 +3,23 @@
 # and prints the markdown table. Override the locations with environment variables:
 #   EVAL_OUT_DIR  folder holding one graded folder per model (default: Raw-Outputs/LLM-Eval-out)
 #   RESULTS_DIR   where results.md / results.csv / results.png go (default: Raw-Outputs/Tables)
-#   PYTHON        the interpreter (default: python)
+#   PYTHON        the interpreter (default: the repository's .venv/bin/python, else python3)
+#
+#   ./get_eval_result.sh         # no arguments: every model folder under EVAL_OUT_DIR
+#   ./get_eval_result.sh --help  # this text
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/../scripts/shell_common.sh"
+exit_with_help_if_asked "$here/get_eval_result.sh" -- "$@"
+if [[ $# -gt 0 ]]; then
+  # Settings are environment variables; an argument is a mistake, not something to ignore.
+  echo "error: get_eval_result.sh takes no arguments, got: $*" >&2
+  print_header "$here/get_eval_result.sh" >&2
+  exit 2
+fi
 EVAL_OUT_DIR="${EVAL_OUT_DIR:-$here/Raw-Outputs/LLM-Eval-out}"
 RESULTS_DIR="${RESULTS_DIR:-$here/Raw-Outputs/Tables}"
-PYTHON="${PYTHON:-python}"
 
 graded_dirs=()
 for dir in "$EVAL_OUT_DIR"/*/; do

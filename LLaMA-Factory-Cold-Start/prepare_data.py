@@ -67,8 +67,8 @@ def download_from_hub(out: Path) -> None:
             + ", ".join(entry["file_name"] for entry in subset_files().values())
             + f" and the {HUB_IMAGE_FOLDER}/ folder into {out} by other means, then run "
             f"`python prepare_data.py --check {out}`.\n"
-            "To try the pipeline offline, build the tiny world (python scripts/make_tiny_world.py) and run "
-            "`python prepare_data.py --tiny-world tiny_world --out data-tiny`."
+            "To try the pipeline offline, build the tiny world (python scripts/make_tiny_world.py --out tiny_world) "
+            "and run `python prepare_data.py --tiny-world tiny_world --out data-tiny`."
         )
 
 

@@ -77,6 +77,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variant", action="append", default=None, help="name:key=value,key=value")
+    sys.path.insert(0, str(ROOT))
+    from verl.utils.cli_help import exit_if_no_arguments
+
+    # Its defaults alone build tiny_world/ in the repository when missing and time a run.
+    exit_if_no_arguments(parser)
     args = parser.parse_args()
     if not (args.world / "manifest.json").is_file():
         subprocess.run([sys.executable, "scripts/make_tiny_world.py", "--out", str(args.world)], cwd=ROOT, check=True)

@@ -108,13 +108,16 @@ def main() -> int:
     parser.add_argument("--world", type=Path, default=None, help="a built tiny world (default: build one)")
     parser.add_argument("--workdir", type=Path, default=None, help="where runs are written (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    sys.path.insert(0, str(ROOT))
+    from verl.utils.cli_help import exit_if_no_arguments
+
+    exit_if_no_arguments(parser)  # its defaults alone are ten trials of training runs, minutes each
     args = parser.parse_args()
     rng = random.Random(args.seed)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kill_trials_"))
     workdir.mkdir(parents=True, exist_ok=True)
     world = args.world
     if world is None:
-        sys.path.insert(0, str(ROOT))
         from verl.tiny_world import build_tiny_world
 
         world = workdir / "tiny_world"

@@ -10,6 +10,12 @@ above `--max_shard_size`), config, generation config, tokenizer and processor to
 (default: `<local_dir>/huggingface`) without the training state, then loads the result with
 transformers and compares every tensor with the checkpoint's.
 
+The default output lies inside the checkpoint folder. A training run's `trainer.save_limit` never
+deletes a checkpoint that holds a merged model (weights the save did not write): it keeps it beyond
+the limit and logs a warning naming it, so a merge is never lost to the rotation; delete such a
+checkpoint yourself once the merge is copied elsewhere, or merge to a `--target_dir` outside the
+run's checkpoint folders. Written files get the permissions of the umask (0644 under umask 022).
+
 A checkpoint written by an EasyR1-style trainer (EasyR1, the original Vision-SR1) is read too: one
 `model_world_size_{W}_rank_{r}.pt` per rank (torch.save'd FSDP state dicts whose values are DTensor
 shards or plain tensors) with config, tokenizer and processor in its `huggingface/` subfolder. The
@@ -42,6 +48,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
 from verl.models.loading import load_tokenizer_and_processor
+from verl.utils.file_modes import entries, honour_umask
 
 SHARDED_DIR = "sharded"  # the earlier multi-worker layout
 MODEL_PREFIX = "model."  # DCP keys of the weights: "model.<parameter name>" (optimizer states are "optimizer....")
@@ -316,6 +323,7 @@ def export_adapter(local_dir: str, target_dir: str, base_model: str | None = Non
     model with the checkpoint's values, and return `target_dir`."""
     from safetensors.torch import load_file
 
+    before = entries(target_dir)
     os.makedirs(target_dir, exist_ok=True)
     for name in ADAPTER_FILES:
         shutil.copy(os.path.join(local_dir, name), os.path.join(target_dir, name))
@@ -327,6 +335,7 @@ def export_adapter(local_dir: str, target_dir: str, base_model: str | None = Non
         name = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
         if name not in loaded or not torch.equal(loaded[name].detach().to(tensor.dtype), tensor):
             raise RuntimeError(f"{target_dir}: peft did not load adapter weight {key} as saved")
+    honour_umask(target_dir, before)
     return target_dir
 
 
@@ -353,11 +362,14 @@ def merge_checkpoint(
     # An EasyR1-style save keeps its tokenizer and processor in its huggingface/ subfolder.
     tokenizer_dir = rank_files_config_dir(local_dir) if not is_lora and rank_file_paths(local_dir) else local_dir
     tokenizer, processor = load_tokenizer_and_processor(tokenizer_dir)
+    before = entries(target_dir)
     os.makedirs(target_dir, exist_ok=True)
     model.save_pretrained(target_dir, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(target_dir)
     if processor is not None:
         processor.save_pretrained(target_dir)
+    # safetensors writes its files 0600 whatever the umask: a merge is for others to load too.
+    honour_umask(target_dir, before)
     verify(target_dir, weights)
     return target_dir
 
@@ -392,7 +404,12 @@ def upload_to_hub(folder: str, repo_id: str, endpoint: str | None = None) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_dir", required=True, help="the actor folder of a checkpoint: CKPT/global_step_N/actor")
-    parser.add_argument("--target_dir", default=None, help="output folder (default: <local_dir>/huggingface)")
+    parser.add_argument(
+        "--target_dir",
+        default=None,
+        help="output folder (default: <local_dir>/huggingface, inside the checkpoint; trainer.save_limit then "
+        "keeps that checkpoint, with a warning, instead of deleting it)",
+    )
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file (default: 5GB)")
     parser.add_argument(
         "--base_model", default=None, help="LoRA: the base model folder (default: the adapter config's base path)"

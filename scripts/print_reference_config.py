@@ -1,6 +1,7 @@
 """Print the reference YAML of every config key, with each field's docstring as a comment.
 
-python scripts/print_reference_config.py > examples/config.yaml
+python scripts/print_reference_config.py > examples/config.yaml                       # training
+python scripts/print_reference_config.py generate > examples/generate_config.yaml    # benchmark generation
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from verl.trainer.config import PPOConfig  # noqa: E402
+from verl.trainer.generate import GenerateConfig  # noqa: E402
 from verl.utils.cli_help import field_docs  # noqa: E402
 
 
@@ -36,12 +38,24 @@ def emit(cls: type, indent: int, out: list[str]) -> None:
             out.append(f"{pad}{text[1:-1] if text.startswith('{') else text}")
 
 
+# command-line name: (schema, where it is defined, the command it configures, the file it is written to)
+SCHEMAS = {
+    "train": (PPOConfig, "verl/trainer/config.py", "verl.trainer.main", "examples/config.yaml"),
+    "generate": (GenerateConfig, "verl/trainer/generate.py", "verl.trainer.generate", "examples/generate_config.yaml"),
+}
+
+
 def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "train"
+    if name not in SCHEMAS:
+        print(f"usage: python {sys.argv[0]} [{' | '.join(SCHEMAS)}]  (default: train)", file=sys.stderr)
+        raise SystemExit(2)
+    schema, source, command, reference = SCHEMAS[name]
     out = [
-        "# Reference configuration: every key with its default (see verl/trainer/config.py).",
-        "# Use: python -m verl.trainer.main config=examples/config.yaml key=value ...",
+        f"# Reference configuration: every key with its default (see {source}).",
+        f"# Use: python -m {command} config={reference} key=value ...",
     ]
-    emit(PPOConfig, 0, out)
+    emit(schema, 0, out)
     print("\n".join(out))
 
 

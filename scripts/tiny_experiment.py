@@ -273,6 +273,8 @@ def train(
 
 
 def main() -> None:
+    from verl.utils.cli_help import exit_if_no_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=Path, default=ROOT / "tiny_world")
     parser.add_argument(
@@ -301,6 +303,8 @@ def main() -> None:
     parser.add_argument(
         "--report_only", action="store_true", help="rewrite the .md and .png from the .json of an earlier run"
     )
+    # Its defaults alone are hours of training that end by rewriting docs/results/tiny_world_experiment.*.
+    exit_if_no_arguments(parser)
     args = parser.parse_args()
     if args.report_only:
         write_report(json.loads((args.out / f"{args.report_name}.json").read_text()), args)

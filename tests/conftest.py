@@ -37,6 +37,7 @@ def tiny_world() -> Path:
     VISION_SR1_TINY_WORLD names a folder to use instead of the cache; it is built there if empty.
     """
     from verl.tiny_world import build_tiny_world
+    from verl.utils.file_modes import honour_umask
 
     chosen = os.environ.get("VISION_SR1_TINY_WORLD")
     if chosen:
@@ -52,6 +53,8 @@ def tiny_world() -> Path:
     # Build beside the final folder and rename, so a half-written world is never picked up.
     staging = Path(tempfile.mkdtemp(dir=TINY_WORLD_CACHE, prefix="building-"))
     build_tiny_world(str(staging))
+    # mkdtemp makes the folder 0700; the cache in /tmp is for every user of the machine.
+    honour_umask(str(staging))
     try:
         os.replace(staging, world)
     except OSError:

@@ -4,6 +4,7 @@ its usage instead of starting a run; the console entry points name real function
 from __future__ import annotations
 
 import importlib
+import re
 import tomllib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [
         (main.main, "examples/config.yaml", ["  data: train_files", "  worker: actor.{", "  trainer: "]),
         (sft.main, "examples/sft_config.yaml", ["  model: ", "  optim: ", "  trainer: "]),
-        (generate.main, "GenerateConfig", ["  model_path: ", "  benchmarks: "]),
+        (generate.main, "examples/generate_config.yaml", ["  model_path: ", "  benchmarks: "]),
     ],
 )
 def test_help_prints_usage_and_config_reference(command, reference, sections, capsys):
@@ -42,6 +43,23 @@ def test_no_arguments_prints_usage_and_starts_nothing(command, capsys, tmp_path,
     captured = capsys.readouterr()
     assert captured.err.startswith("usage: ") and "nothing started" in captured.err
     assert list(tmp_path.iterdir()) == []  # no checkpoint or output folder was created
+
+
+@pytest.mark.parametrize(
+    "command, schema",
+    [(main.main, main.PPOConfig), (sft.main, sft.SFTConfig), (generate.main, generate.GenerateConfig)],
+)
+def test_the_config_the_usage_suggests_loads(command, schema, capsys):
+    """The no-arguments usage names a `config=FILE` to start from: that file exists and loads."""
+    from verl.utils.config import load_config
+
+    with pytest.raises(SystemExit):
+        command([])
+    suggested = re.search(r"`(config=\S+)`", capsys.readouterr().err)
+    assert suggested, "the usage suggests no config file"
+    path = ROOT / suggested.group(1).removeprefix("config=")
+    assert path.is_file(), f"the usage suggests {suggested.group(1)}, which does not exist"
+    load_config([f"config={path}"], schema)
 
 
 def test_console_entry_points_name_real_functions():

@@ -101,15 +101,16 @@ def test_reference_yaml_mirrors_dataclasses():
     load_config([f"config={ROOT / 'examples' / 'config.yaml'}"], PPOConfig)
 
 
-def test_reference_yaml_is_generated_from_the_code():
+@pytest.mark.parametrize("schema, reference", [("train", "config.yaml"), ("generate", "generate_config.yaml")])
+def test_reference_yaml_is_generated_from_the_code(schema, reference):
     printed = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "print_reference_config.py")],
+        [sys.executable, str(ROOT / "scripts" / "print_reference_config.py"), schema],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert printed.strip() == (ROOT / "examples" / "config.yaml").read_text().strip(), (
-        "examples/config.yaml is stale: python scripts/print_reference_config.py > examples/config.yaml"
+    assert printed.strip() == (ROOT / "examples" / reference).read_text().strip(), (
+        f"examples/{reference} is stale: python scripts/print_reference_config.py {schema} > examples/{reference}"
     )
 
 

@@ -2,8 +2,12 @@
 
 import io
 import json
+import re
 
+import datasets
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +21,7 @@ from verl.utils.dataset import (
     build_messages,
     strip_placeholders,
 )
+from verl.utils.sft_dataset import ConversationEncoder, SFTDataset
 
 SEE_THINK = "examples/format_prompt/see_think.jinja"
 
@@ -179,3 +184,68 @@ def test_loader_resumes_exactly_where_it_stopped(tiny_world, vl):
     assert seen + rest == epochs[0]
     assert [rows_of(b) for b in resumed] == epochs[1]
     assert torch.is_tensor(next(iter(resumed)).batch["input_ids"])
+
+
+# ---------------------------------------------------------------- images decoded by `datasets` itself
+def corrupt_digit_sum(tiny_world, path, rows: int = 6, bad: tuple[int, ...] = (3,)) -> str:
+    """The first `rows` rows of the tiny world's digit_sum val file, written as the tiny world writes
+    them (the Hugging Face `Image` feature in the schema metadata, so `datasets` would decode the
+    images itself), with the image of each row in `bad` replaced by bytes that are no image."""
+    table = pq.read_table(tiny_world / "data/digit_sum/val.parquet").slice(0, rows)
+    assert b"huggingface" in table.schema.metadata  # the case under test: datasets' own decoding
+    records = table.to_pylist()
+    for index in bad:
+        records[index]["images"] = [{"bytes": b"not an image", "path": f"scan_{index}.png"}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=table.schema), path)
+    return str(path)
+
+
+def test_corrupt_image_in_an_hf_image_parquet_names_file_row_and_column(tiny_world, tmp_path, vl, caplog):
+    tokenizer, processor = vl
+    path = corrupt_digit_sum(tiny_world, tmp_path / "digits.parquet")
+    with pytest.raises(DataError) as error:
+        PromptDataset(path, tokenizer, processor, PromptDatasetConfig())
+    message = str(error.value)
+    assert message.startswith(f"{path} row 3: bad image (")
+    assert "in column 'images', image 1 of 1 (path 'scan_3.png', 12 bytes)" in message
+
+    ds = PromptDataset(path, tokenizer, processor, PromptDatasetConfig(skip_bad_samples=True))
+    assert ds.num_bad == 1 and ds.indices == [0, 1, 2, 4, 5]
+    assert f"{path} row 3: bad image" in caplog.text and "skipped 1 rows" in caplog.text
+    item = ds[3]  # the rows left load with their images
+    assert item["row_index"] == 4 and item["multi_modal_data"]["images"][0].mode == "RGB"
+
+
+def test_corrupt_image_in_a_parquet_folder_names_its_file(tiny_world, tmp_path, vl):
+    tokenizer, processor = vl
+    folder = tmp_path / "set"
+    corrupt_digit_sum(tiny_world, folder / "a.parquet", rows=4, bad=())
+    second = corrupt_digit_sum(tiny_world, folder / "b.parquet", rows=4, bad=(1,))
+    where = re.escape(f"{second} row 1 (row 5 of {folder}): bad image")
+    with pytest.raises(DataError, match=rf"{where} .* column 'images'"):
+        PromptDataset(str(folder), tokenizer, processor, PromptDatasetConfig())
+    ds = PromptDataset(str(folder), tokenizer, processor, PromptDatasetConfig(skip_bad_samples=True))
+    assert ds.indices == [0, 1, 2, 3, 4, 6, 7]
+
+
+def test_corrupt_image_in_an_hf_image_sft_parquet_names_file_row_and_column(tmp_path, vl):
+    tokenizer, processor = vl
+    features = datasets.Features(
+        {
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    turns = [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "red"}]
+    rows = [
+        {"messages": turns, "images": [{"bytes": png(), "path": None}]},
+        {"messages": turns, "images": [{"bytes": b"\x89PNG broken", "path": "red.png"}]},
+    ]
+    path = tmp_path / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=features.arrow_schema), path)
+    with pytest.raises(DataError) as error:
+        SFTDataset([str(path)], ConversationEncoder(tokenizer, processor), max_length=4096)
+    message = str(error.value)
+    assert message.startswith(f"{path} row 1: bad image (")
+    assert "in column 'images', image 1 of 1 (path 'red.png', 11 bytes)" in message

@@ -297,6 +297,8 @@ def test_judge_verdicts_retries_cache_and_resume(tmp_path, judge_server, monkeyp
     output = capsys.readouterr()
     assert API_KEY not in output.out + output.err
     assert "row-slow" in output.err  # failed requests are reported by row
+    # Some failed, not all: the run ends with status 0 and a count to rerun for.
+    assert f"warning: 2 of {len(EXPECTED_VERDICTS)} judge requests failed (first: row id 'row-" in output.err
 
     verdicts = {row_id: row["judge_verdict"] for row_id, row in graded.items()}
     retried_errors = Counter({"slow": 2, "bad-request": 1})
@@ -306,8 +308,10 @@ def test_judge_verdicts_retries_cache_and_resume(tmp_path, judge_server, monkeyp
         assert len(rows) == len({row["id"] for row in rows})  # no row written twice
         return {row["id"]: row["judge_verdict"] for row in rows}
 
-    # Rerun: finished rows are skipped, rows whose request failed are asked again.
-    assert run_llm_eval(input_dir, output_dir, judge_server.base_url) == 0
+    # Rerun: finished rows are skipped, rows whose request failed are asked again. They fail again,
+    # so every request of this run failed: the run says so with status 1.
+    assert run_llm_eval(input_dir, output_dir, judge_server.base_url) == 1
+    assert "error: all 2 judge requests failed" in capsys.readouterr().err
     assert judge_server.hits == Counter(first_hits) + retried_errors
     assert output_verdicts() == verdicts
 
@@ -324,6 +328,24 @@ def test_judge_verdicts_retries_cache_and_resume(tmp_path, judge_server, monkeyp
     assert run_llm_eval(input_dir, output_dir, judge_server.base_url) == 0
     assert judge_server.hits == hits_before + retried_errors + Counter({"plain": 1})
     assert output_verdicts() == verdicts | {"row-new": "correct"}
+
+
+def test_llm_eval_fails_when_every_judge_request_fails(tmp_path):
+    """As a user runs it with no judge server up: a closed local port refuses every request. The run
+    must not end with status 0 as if it had graded, and must say how many failed and why."""
+    input_dir, output_dir = tmp_path / "raw" / "model", tmp_path / "graded" / "model"
+    rows = [row for row in generation_rows() if row["id"] in ("row-plain", "row-flaky", "row-rule")]
+    write_jsonl(input_dir / "mathvista.jsonl", rows)
+    url = f"http://127.0.0.1:{closed_local_port()}/v1"
+    command = [sys.executable, "LLM_eval.py", "--input_dir", str(input_dir), "--output_dir", str(output_dir)]
+    command += ["--judge_base_url", url, "--judge_model", "judge-model", "--max_retries", "0", "--timeout", "5"]
+    result = subprocess.run(command, cwd=EVALUATION_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    # Two free-form rows asked the judge (the third is right by rules): both failed, the first is quoted.
+    assert "error: all 2 judge requests failed (first: row id 'row-" in result.stderr
+    assert "Connection refused" in result.stderr.split("error: all 2")[1]
+    verdicts = {row["id"]: row["judge_verdict"] for row in read_jsonl(output_dir / "mathvista.jsonl")}
+    assert verdicts == {"row-plain": "error", "row-flaky": "error", "row-rule": "skipped"}
 
 
 def test_cache_is_keyed_by_judge_model_and_prompt(tmp_path):

@@ -2,6 +2,7 @@
 including resuming an interrupted generation."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,6 @@ def test_generate_grade_tabulate(tiny_world, tmp_path):
         output_dir=str(raw),
         max_new_tokens=12,
         batch_size=64,
-        min_pixels=784,  # the tiny world's small images as they are (the default upsizes to 512x512)
         engine="hf",
     )
     out_dir = Path(run(config))
@@ -81,9 +81,17 @@ def test_names():
     assert default_model_name("models/Qwen2.5-VL-7B") == "Qwen2.5-VL-7B"
 
 
-def test_defaults_are_the_original_evaluations():
+def test_defaults_are_the_original_evaluations_and_images_as_the_processor_sizes_them(tiny_world):
     config = GenerateConfig()
-    assert config.max_prompt_length == 12800 and config.min_pixels == 262144 and config.temperature == 0.0
+    assert config.max_prompt_length == 12800 and config.temperature == 0.0
+    # Image bounds: the model processor's own unless set (the paper's benchmark runs set 262144).
+    from verl.models.loading import load_tokenizer_and_processor
+    from verl.trainer.generate import pixel_bounds
+
+    _, processor = load_tokenizer_and_processor(str(tiny_world / "models/qwen2_5_vl"))
+    size = processor.image_processor.size
+    assert pixel_bounds(config, processor) == (size["shortest_edge"], size["longest_edge"])
+    assert pixel_bounds(GenerateConfig(min_pixels=262144, max_pixels=4194304), processor) == (262144, 4194304)
     assert config.engine == "auto"
     with pytest.raises(ConfigError, match="`engine`"):
         check_config(GenerateConfig(engine="sglang"))
@@ -202,3 +210,48 @@ def test_engine_process_parts_merge_once_each_after_a_crash(tmp_path):
     ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     assert ids == ["1", "2", "3", "4", "5"]
     assert part_files(str(path)) == [] and (tmp_path / "bench.jsonl.partial").exists()
+
+
+def test_eval_script_answers_as_the_trainers_validation_does(tiny_world, tmp_path):
+    """The evaluation script on the tiny world, with its default image bounds (the processor's), gives
+    row for row the answers and grades the trainer's validation gives on the same rows: the same
+    prompts, images and greedy decoding. (A fixed min_pixels of 262144 upscaled the 56x28 scans into
+    64 image tokens instead of 2, and a cold start that scored 0.305 in validation scored 0.000.)"""
+    model = str(tiny_world / "models/qwen2_5_vl")
+    val = str(tiny_world / "data/digit_sum/val.parquet")
+    generations = tmp_path / "val_generations.jsonl"
+    subprocess.run(
+        [
+            sys.executable, "-m", "verl.trainer.main", "config=examples/tiny_world/self_reward.yaml",
+            f"data.train_files={tiny_world / 'data/digit_sum/train.parquet'}", f"data.val_files={val}",
+            f"worker.actor.model.model_path={model}", "self_reward.during_validation=false",
+            "trainer.val_only=true", f"trainer.response_path={generations}", "trainer.logger=[console]",
+            f"trainer.save_checkpoint_path={tmp_path / 'run'}",
+        ],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    trainer_rows = [json.loads(line) for line in generations.read_text().splitlines()]
+
+    env = {
+        "PATH": os.environ["PATH"], "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+        "MODEL_PATH": model, "MODEL_NAME": "base", "BENCHMARKS": val, "OUTPUT_DIR": str(tmp_path / "raw"),
+        "MAX_NEW_TOKENS": "48",
+    }  # fmt: skip
+    # One batch of all 128 rows, as the trainer's validation (val_batch_size -1), so padding is the same too.
+    subprocess.run(
+        ["bash", "validation_examples/2-seethink_format_eval.sh", "batch_size=128", "engine=hf"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    graded = tmp_path / "graded"
+    subprocess.run(
+        [sys.executable, "LLM_eval.py", "--input_dir", str(tmp_path / "raw/base"), "--output_dir", str(graded)]
+        + ["--judge", "none"],
+        cwd=ROOT / "Evaluation", check=True, capture_output=True,
+    )  # fmt: skip
+    eval_rows = [json.loads(line) for line in (graded / "val.jsonl").read_text().splitlines()]
+
+    assert len(eval_rows) == len(trainer_rows) == 128
+    for index, (ours, theirs) in enumerate(zip(eval_rows, trainer_rows)):
+        assert ours["ground_truth"] == theirs["ground_truth"], index
+        assert ours["response"] == theirs["response"], f"row {index}: the two paths answered differently"
+        assert float(ours["final_correct"]) == theirs["score"]["accuracy"], index

@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.test_dataset import corrupt_digit_sum
 from tests.test_trainer import COMPARED, ROOT, read_metrics, run_args
 from verl.reward import RewardFunction, RewardFunctionError
 from verl.trainer import sft
 from verl.trainer.accounting import groups_left_out
 from verl.trainer.interrupt import Interrupted, checkpoint_guard, stop_on_signals
 from verl.trainer.main import main
+from verl.utils.dataset import DataError
 from verl.utils.tracking import Tracker
 
 POISONED = str(ROOT / "tests" / "rewards" / "poisoned.py") + ":compute_score"
@@ -119,6 +121,75 @@ def test_drop_group_leaves_the_bad_groups_out_and_counts_them(tiny_world, tmp_pa
         assert set(dropped[step]) <= {"bad_sample"}  # one worker: nothing left out for divisibility
         assert len(rows[step] + dropped[step].get("bad_sample", [])) == 4  # the step's whole batch
         assert math.isfinite(metrics[step]["reward/overall"]) and math.isfinite(metrics[step]["actor/pg_loss"])
+
+
+def test_bad_validation_reward_is_dropped_counted_and_named(tiny_world, tmp_path, caplog):
+    """drop_group covers validation too: the two poisoned validation rows are left out of the
+    validation metrics (counted, each named in a warning) and the run completes and saves."""
+    train = small_train_file(tiny_world, tmp_path / "train.parquet", 4)
+    val = small_train_file(tiny_world, tmp_path / "val.parquet", 6, poison=(1, 4))
+    save = tmp_path / "run"
+    args = run_args(
+        tiny_world,
+        save,
+        "trainer.max_steps=1",
+        f"worker.reward.reward_function={POISONED}",
+        "worker.reward.on_bad_sample=drop_group",
+        f"data.train_files={train}",
+        f"data.val_files={val}",
+    )
+    main(args)
+    metrics = read_metrics(save)
+    assert metrics[1]["val/dropped_bad_samples"] == 2
+    assert math.isfinite(metrics[1]["val/reward/overall"])
+    assert (save / "global_step_1" / "trainer_state.json").is_file()
+    for row in (1, 4):
+        assert f"validation at step 1: leaving {val} row {row} out of the metrics" in caplog.text
+
+
+def test_bad_validation_reward_names_the_option_and_the_step_is_kept(tiny_world, tmp_path):
+    """With `error`, a NaN validation reward stops the run naming the row and the option; the step's
+    update, done before validation, is saved anyway (save_freq=2 would not have saved step 1), so a
+    rerun with drop_group resumes after it."""
+    train = small_train_file(tiny_world, tmp_path / "train.parquet", 8)
+    val = small_train_file(tiny_world, tmp_path / "val.parquet", 4, poison=(2,))
+    save = tmp_path / "run"
+    args = run_args(
+        tiny_world,
+        save,
+        "trainer.max_steps=2",
+        "trainer.save_freq=2",
+        "trainer.val_freq=1",
+        f"worker.reward.reward_function={POISONED}",
+        f"data.train_files={train}",
+        f"data.val_files={val}",
+    )
+    with pytest.raises(RewardFunctionError) as error:
+        main(args)
+    message = str(error.value)
+    assert f"validation at step 1: the reward of {val} row 2 " in message and "overall=nan" in message
+    assert "worker.reward.on_bad_sample=drop_group" in message
+    assert (save / "global_step_1" / "trainer_state.json").is_file()
+    first = read_metrics(save)
+    assert sorted(first) == [1] and "val/reward/overall" not in first[1]
+
+    main([*args, "worker.reward.on_bad_sample=drop_group"])
+    metrics = read_metrics(save)
+    assert sorted(metrics) == [1, 2] and metrics[1] == first[1]  # resumed after step 1, not redone
+    assert metrics[2]["val/dropped_bad_samples"] == 1
+
+
+def test_corrupt_training_image_stops_before_training_or_is_skipped(tiny_world, tmp_path):
+    """A corrupt image in an HF-Image parquet train file is named (file, row, column) while the data
+    is checked, before any step; with data.skip_bad_samples=true the run trains on the other rows."""
+    train = corrupt_digit_sum(tiny_world, tmp_path / "train.parquet", rows=5, bad=(2,))
+    save = tmp_path / "run"
+    args = run_args(tiny_world, save, "trainer.max_steps=1", f"data.train_files={train}", "data.val_files=null")
+    with pytest.raises(DataError, match=rf"{re.escape(str(train))} row 2: bad image .* in column 'images'"):
+        main(args)
+    assert not (save / "global_step_1").exists()
+    main([*args, "data.skip_bad_samples=true", "data.shuffle=false"])
+    assert read_rows(save)[1] == [0, 1, 3, 4]
 
 
 def test_each_step_accounts_for_every_row_it_drew(tiny_world, tmp_path):

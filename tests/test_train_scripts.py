@@ -187,6 +187,79 @@ def test_a_script_whose_values_break_a_rule_fails_the_check():
     assert result.stdout == ""
 
 
+def test_tiny_script_check_config_builds_and_trains_nothing(tmp_path):
+    """`tiny_selfReward_train.sh --check-config` on a fresh clone (no tiny world, no cold start): it
+    says what a run would build first, checks the configs and builds, trains and writes nothing."""
+    world, run_dir = tmp_path / "tiny_world", tmp_path / "run"
+    result = run_script("tiny_selfReward_train.sh", "--check-config", TINY_WORLD=str(world), RUN_DIR=str(run_dir))
+    config = resolved_config(result)
+    assert value(config, "worker.actor.model.model_path") == str(world / "cold_start" / "model")
+    assert value(config, "trainer.save_checkpoint_path") == str(run_dir)
+    assert f"a run would first build the tiny world: {sys.executable} scripts/make_tiny_world.py --out {world}" in (
+        result.stderr
+    )
+    assert f"a run would first train the cold-start model {world / 'cold_start' / 'model'}" in result.stderr
+    assert result.stderr.count("config OK") == 2  # the cold-start SFT's config, then the GRPO one
+    assert list(tmp_path.iterdir()) == [], "--check-config must build, train and write nothing"
+
+
+def test_tiny_cold_start_check_config_builds_and_trains_nothing(tmp_path):
+    world, cold_start = tmp_path / "tiny_world", tmp_path / "cold_start"
+    result = run_script(
+        "0-tiny_coldstart_sft.sh", "--check-config", TINY_WORLD=str(world), COLD_START_DIR=str(cold_start)
+    )
+    config = resolved_config(result)
+    assert value(config, "trainer.save_checkpoint_path") == str(cold_start / "checkpoints")
+    assert "a run would first build the tiny world" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["tiny_selfReward_train.sh", "0-tiny_coldstart_sft.sh"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_tiny_script_help_prints_its_header_and_starts_nothing(script, flag, tmp_path):
+    env = {"TINY_WORLD": str(tmp_path / "tiny_world"), "RUN_DIR": str(tmp_path / "run")}
+    result = run_script(script, "trainer.max_steps=2", flag, **env)
+    assert result.returncode == 0, result.stderr
+    assert "TINY_WORLD " in result.stdout and "--check-config" in result.stdout
+    assert not result.stdout.startswith(("#", "!"))  # the header's text, not its comment marks
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scripts_default_to_the_repositorys_venv_from_any_directory(tmp_path):
+    """No PYTHON set and no virtual environment on the PATH, as a user outside `source .venv/bin/activate`
+    runs a GPU script's check from another directory: the repository's .venv/bin/python is the one
+    interpreter default. A python3 on the PATH that fails loudly shows it is never the one used."""
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if not venv_python.exists():
+        pytest.skip("no .venv in this checkout (bash setup.sh makes it)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\necho 'python3 from the PATH was run' >&2\nexit 97\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {key: val for key, val in os.environ.items() if key not in ("PYTHON", "VIRTUAL_ENV")}
+    env |= {"PATH": f"{bin_dir}:/usr/bin:/bin", "SAVE_DIR": str(tmp_path / "save")}
+    bash = shutil.which("bash") or "/bin/bash"
+
+    resolved = subprocess.run(
+        [bash, "-c", f"source {ROOT / 'scripts' / 'shell_common.sh'}; echo $PYTHON"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert resolved.stdout.strip() == str(venv_python)
+
+    script = ROOT / "train_examples" / "2-3b_selfReward_train.sh"
+    result = subprocess.run(
+        [bash, str(script), "--check-config"], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "config OK" in result.stderr and "python3 from the PATH" not in result.stderr
+    assert json.loads(result.stdout)["worker"]["rollout"]["name"] == "vllm"
+    assert not (tmp_path / "save").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

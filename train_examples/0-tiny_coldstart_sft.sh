@@ -7,6 +7,10 @@
 # passes over the mix) is the cap.
 #
 #   bash train_examples/0-tiny_coldstart_sft.sh [key=value ...]    # extra keys override the ones below
+#   bash train_examples/0-tiny_coldstart_sft.sh --check-config [key=value ...]
+#
+# --check-config builds and trains nothing: it says whether a run would build the tiny world first, checks
+# the SFT config (which needs no model or data) and prints it as JSON.
 #
 # TINY_WORLD      the tiny world (default: tiny_world), built first when missing
 # TASK            digit_sum (default), or digit_mix: the see-think examples are then asked as digit_mix
@@ -17,13 +21,14 @@
 #                   model/              the final model, a Hugging Face folder: RL starts from it
 #                   eval_metrics.json   its greedy check on the TASK's validation split (gen/format,
 #                                       gen/accuracy, gen/perception) and the held-out loss (val/loss)
-# PYTHON          interpreter (default: .venv/bin/python)
+# PYTHON          interpreter (default: the repository's .venv/bin/python, else python3)
 #
 # The vision tower and projector train here (the original froze them): the tiny model's are random.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/shell_common.sh
+exit_with_help_if_asked train_examples/0-tiny_coldstart_sft.sh -- "$@"
 
-PYTHON=${PYTHON:-.venv/bin/python}
 TINY_WORLD=${TINY_WORLD:-tiny_world}
 TASK=${TASK:-digit_sum}
 case "$TASK" in
@@ -36,8 +41,15 @@ esac
 # measured), hence a stop on the measured target rather than on a step count.
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+check_only=false
+for arg in "$@"; do [[ $arg == --check-config ]] && check_only=true; done
+
 if [[ ! -f "$TINY_WORLD/manifest.json" ]]; then
-  "$PYTHON" scripts/make_tiny_world.py --out "$TINY_WORLD" >/dev/null
+  if $check_only; then
+    echo "a run would first build the tiny world: $PYTHON scripts/make_tiny_world.py --out $TINY_WORLD" >&2
+  else
+    "$PYTHON" scripts/make_tiny_world.py --out "$TINY_WORLD" >/dev/null
+  fi
 fi
 
 data="$TINY_WORLD/data/cold_start"
@@ -53,6 +65,7 @@ data="$TINY_WORLD/data/cold_start"
   trainer.experiment_name=tiny_cold_start trainer.total_epochs=6 trainer.max_steps=1500 trainer.micro_batch_size=16 trainer.torch_threads=1 \
   trainer.save_checkpoint_path="$COLD_START_DIR/checkpoints" \
   "$@"
+$check_only && exit 0  # nothing was trained: no checkpoint to make the model from
 
 checkpoint="$COLD_START_DIR/checkpoints/global_step_$(cat "$COLD_START_DIR/checkpoints/latest_global_step.txt")"
 rm -rf "$COLD_START_DIR/model"

@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 : "${VARIANT:?set by the calling script: self_reward, see_think or cot}"
 : "${MODEL_PATH:?set by the calling script}"
-PYTHON=${PYTHON:-python3}
+source scripts/shell_common.sh  # PYTHON: the repository's .venv/bin/python unless set (else python3)
 TRAIN_FILES=${TRAIN_FILES:-LMMs-Lab-Turtle/Vision-SR1-47K@train}
 VAL_FILES=${VAL_FILES:-zli12321/mmstar@test}
 N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-8}

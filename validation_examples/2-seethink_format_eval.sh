@@ -6,10 +6,12 @@
 #   BENCHMARKS   comma-separated files or name@split            [tiny_world/data/digit_sum/test.parquet]
 #   OUTPUT_DIR   [Evaluation/Raw-Outputs]; FORMAT_PROMPT [examples/format_prompt/see_think.jinja]
 #   MAX_NEW_TOKENS [2048]; TEMPERATURE [0 = greedy]
+#   MIN_PIXELS, MAX_PIXELS  image bounds [the model processor's own, as it was trained]; the paper's
+#                benchmarks were evaluated with MIN_PIXELS=262144 MAX_PIXELS=4194304
 # Extra arguments are passed on as key=value overrides of verl.trainer.generate.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+source scripts/shell_common.sh  # PYTHON: the repository's .venv/bin/python unless set (else python3)
 args=(
   model_path="${MODEL_PATH:-tiny_world/cold_start/model}"
   benchmarks="[${BENCHMARKS:-tiny_world/data/digit_sum/test.parquet}]"
@@ -19,4 +21,6 @@ args=(
   temperature="${TEMPERATURE:-0}"
 )
 [[ -n "${MODEL_NAME:-}" ]] && args+=(model_name="$MODEL_NAME")
+[[ -n "${MIN_PIXELS:-}" ]] && args+=(min_pixels="$MIN_PIXELS")
+[[ -n "${MAX_PIXELS:-}" ]] && args+=(max_pixels="$MAX_PIXELS")
 exec "$PYTHON" -m verl.trainer.generate "${args[@]}" "$@"

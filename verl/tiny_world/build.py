@@ -1,6 +1,7 @@
 """Builds the whole tiny world (tokenizer, three models, datasets, manifest) into one folder, offline."""
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -66,4 +67,12 @@ def build_tiny_world(out_dir: str, seed: int = 0, real_vocab: bool = False, size
         "build_seconds": round(time.perf_counter() - start, 2),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    # safetensors writes the weights 0600 whatever the umask; a tiny world is shared like any model.
+    # (The trainers' writers use verl/utils/file_modes.py; the tiny world imports nothing of verl.)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    for name in BUILT_PATHS:
+        for path in [out / name, *(out / name).rglob("*")]:
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o666 & ~umask)
     return manifest

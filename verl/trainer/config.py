@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from verl.algorithms.core_algos import ADV_ESTIMATORS, KL_CONTROLLERS, KL_MODES
 from verl.utils.checkpoint import CHECKSUMS, ON_DAMAGED
-from verl.utils.config import ForeignKey, no_op, require, require_choice
+from verl.utils.config import ForeignKey, choice_field, no_op, require, require_choice, require_size
 from verl.utils.device import DEVICES
 from verl.utils.tracking import LOGGERS
 from verl.workers.config import WorkerConfig
@@ -101,7 +101,7 @@ class AlgorithmConfig:
 
 @dataclass
 class SelfRewardConfig:
-    enable: str = "auto"
+    enable: str = choice_field("auto", SELF_REWARD_MODES)
     """auto: run when the reward function asks for description answers; true / false force it."""
     prompt_template: str = "examples/format_prompt/perception_prompt.jinja"
     """Jinja template of the text-only prompt, given `description` and `question`."""
@@ -122,6 +122,17 @@ class SelfRewardConfig:
     """Also run on validation batches (measures perception accuracy on held-out data)."""
     counterfactual_baseline: bool = False
     """Also ask each prompt's question once with no description (`n` answers, same generate call) and give the reward function these `prior_answers`: the baseline of a visual reward that descriptions steering toward the answer prior cannot win (see_think_self_reward.py: visual_reward=gain)."""
+
+    def check(self, prefix: str = "self_reward") -> None:
+        require_choice(self.enable, SELF_REWARD_MODES, f"{prefix}.enable")
+        require_size(self.n, f"{prefix}.n")
+        require_size(self.max_response_length, f"{prefix}.max_response_length", null="data.max_response_length")
+        require(
+            self.temperature is None or self.temperature >= 0,
+            f"{prefix}.temperature",
+            "must be >= 0 (0 is greedy), or null",
+        )
+        require(self.top_p is None or 0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1], or null")
 
 
 @dataclass
@@ -197,15 +208,21 @@ class RunConfig:
         """The rules of these keys; raises ConfigError naming the key (as `trainer.<key>`)."""
         require_choice(self.backend, BACKENDS, "trainer.backend")
         require_choice(self.device, DEVICES, "trainer.device")
-        require(self.nnodes > 0, "trainer.nnodes", "must be positive")
-        require(self.n_gpus_per_node > 0, "trainer.n_gpus_per_node", "must be positive")
+        require_size(self.nnodes, "trainer.nnodes")
+        require_size(self.n_gpus_per_node, "trainer.n_gpus_per_node")
         require(
             self.backend != "local" or self.world_size == 1,
             "trainer.backend",
             f"local runs one worker; nnodes x n_gpus_per_node is {self.world_size} (use backend=ray)",
         )
-        require(self.total_epochs > 0, "trainer.total_epochs", "must be positive")
-        require(self.max_steps is None or self.max_steps > 0, "trainer.max_steps", "must be positive (or null)")
+        require_size(self.total_epochs, "trainer.total_epochs")
+        require_size(self.max_steps, "trainer.max_steps", null="total_epochs decides")
+        # The loops read any value <= 0 as "off"; only the documented -1 is taken, so a typo such as
+        # 0 or -5 is reported rather than silently meaning "only at the end" / "keep all".
+        require_size(self.val_freq, "trainer.val_freq", sentinel=(-1, "only at the end"))
+        require_size(self.save_freq, "trainer.save_freq", sentinel=(-1, "only at the end"))
+        require_size(self.save_limit, "trainer.save_limit", sentinel=(-1, "keep all"))
+        require_size(self.torch_threads, "trainer.torch_threads", null="torch's default")
         require(self.worker_setup_timeout_s > 0, "trainer.worker_setup_timeout_s", "must be positive")
         require(self.worker_call_timeout_s > 0, "trainer.worker_call_timeout_s", "must be positive")
         for name in self.logger:
@@ -249,10 +266,14 @@ class PPOConfig:
         data, actor, rollout, trainer = self.data, self.worker.actor, self.worker.rollout, self.trainer
         self.worker.check("worker")
         trainer.check()
+        require_size(trainer.val_generations_to_log, "trainer.val_generations_to_log", minimum=0)
+        self.self_reward.check()
         world = trainer.world_size
-        require(data.rollout_batch_size > 0, "data.rollout_batch_size", "must be positive")
-        require(data.max_prompt_length > 0, "data.max_prompt_length", "must be positive")
-        require(data.max_response_length > 0, "data.max_response_length", "must be positive")
+        require_size(data.rollout_batch_size, "data.rollout_batch_size")
+        require_size(data.val_batch_size, "data.val_batch_size", sentinel=(-1, "the whole validation set"))
+        require_size(data.max_prompt_length, "data.max_prompt_length")
+        require_size(data.max_response_length, "data.max_response_length")
+        check_pixel_bounds(data.min_pixels, data.max_pixels, "data")
         require(
             data.rollout_batch_size % actor.global_batch_size == 0,
             "data.rollout_batch_size",
@@ -276,8 +297,14 @@ class PPOConfig:
             f"must divide the number of workers nnodes x n_gpus_per_node = {world} (each group of "
             f"{rollout.tensor_parallel_size} consecutive workers shares one engine)",
         )
+        for role, fsdp in (("actor", actor.fsdp), ("ref", self.worker.ref.fsdp)):
+            # Checked again when the device mesh is built, but only once the workers have started.
+            require(
+                fsdp.fsdp_size <= 0 or fsdp.fsdp_size >= world or world % fsdp.fsdp_size == 0,
+                f"worker.{role}.fsdp.fsdp_size",
+                f"({fsdp.fsdp_size}) must divide the number of workers nnodes x n_gpus_per_node = {world}",
+            )
         self._check_algorithm()
-        require_choice(self.self_reward.enable, SELF_REWARD_MODES, "self_reward.enable")
         if data.format_prompt is not None:
             require(os.path.isfile(data.format_prompt), "data.format_prompt", f"file not found: {data.format_prompt}")
 
@@ -311,7 +338,23 @@ class PPOConfig:
             "adaptive steers the KL penalty in the reward and would be ignored with algorithm.use_kl_loss=true "
             "(set use_kl_loss=false, or kl_type=fixed)",
         )
-        require(algo.max_refills >= 0, "algorithm.max_refills", "must be >= 0")
+        require_size(algo.max_refills, "algorithm.max_refills", minimum=0)
+        if kl_on and algo.kl_type == "adaptive":
+            # The controller divides by both; it is built only after the models load.
+            require(algo.kl_target > 0, "algorithm.kl_target", f"must be positive; got {algo.kl_target}")
+            require(algo.kl_horizon > 0, "algorithm.kl_horizon", f"must be positive; got {algo.kl_horizon}")
+
+
+def check_pixel_bounds(min_pixels: int | None, max_pixels: int | None, prefix: str) -> None:
+    """Image pixel bounds (RL and SFT data): each positive or null, and min not above max (the
+    resize could then satisfy only one of them)."""
+    require_size(min_pixels, f"{prefix}.min_pixels", null="no bound")
+    require_size(max_pixels, f"{prefix}.max_pixels", null="no bound")
+    require(
+        min_pixels is None or max_pixels is None or min_pixels <= max_pixels,
+        f"{prefix}.min_pixels",
+        f"({min_pixels}) must not exceed {prefix}.max_pixels ({max_pixels})",
+    )
 
 
 def reward_keys_rule(config: PPOConfig, reward_keys: set[str]) -> None:

@@ -77,8 +77,12 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 1
     batch_size: int = 64
-    min_pixels: int | None = 262144
-    max_pixels: int | None = 4194304
+    min_pixels: int | None = None
+    """Images with fewer pixels are upscaled (qwen-vl-utils' smart_resize); None: the model processor's own
+    bound (its `size.shortest_edge`). The paper's benchmark runs set 262144, as the original evaluation."""
+    max_pixels: int | None = None
+    """Images with more pixels are downscaled; None: the model processor's own bound (`size.longest_edge`).
+    The paper's benchmark runs set 4194304."""
     device: str = "auto"
 
 
@@ -94,6 +98,14 @@ def check_config(config: GenerateConfig) -> None:
         raise ConfigError(f"config key `shard_index`: must be in [0, num_shards={config.num_shards})")
     if not 0 < config.gpu_memory_utilization <= 1:
         raise ConfigError("config key `gpu_memory_utilization`: must be in (0, 1]")
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(config, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key `{key}`: must be positive, or null (the processor's own bound); got {value}")
+    if config.min_pixels is not None and config.max_pixels is not None and config.min_pixels > config.max_pixels:
+        raise ConfigError(
+            f"config key `min_pixels`: ({config.min_pixels}) must not exceed max_pixels ({config.max_pixels})"
+        )
 
 
 def resolve_engine(engine: str) -> str:
@@ -157,7 +169,8 @@ class VLLMGenerator:
             args["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, dtype, max(max_model_len, 8192))
             args["enforce_eager"] = True
         if processor is not None:
-            args["mm_processor_kwargs"] = {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels}
+            min_pixels, max_pixels = pixel_bounds(config, processor)
+            args["mm_processor_kwargs"] = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = vllm.LLM(**args)
 
@@ -219,8 +232,19 @@ def default_model_name(model_path: str) -> str:
     return base
 
 
+def pixel_bounds(config: GenerateConfig, processor) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) images are resized within: the config's where set, else the model
+    processor's own, so a model is evaluated on images sized as it was trained on (a fixed default
+    would upscale small images, e.g. the tiny world's 56x28 scans, far past anything it saw)."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    min_pixels = config.min_pixels if config.min_pixels is not None else size.get("shortest_edge")
+    max_pixels = config.max_pixels if config.max_pixels is not None else size.get("longest_edge")
+    return min_pixels, max_pixels
+
+
 def benchmark_dataset(config: GenerateConfig, spec: str, tokenizer, processor) -> PromptDataset:
     """The benchmark's prompts; those over max_prompt_length are left out and counted (`num_filtered`)."""
+    min_pixels, max_pixels = pixel_bounds(config, processor)
     return PromptDataset(
         spec,
         tokenizer,
@@ -231,8 +255,8 @@ def benchmark_dataset(config: GenerateConfig, spec: str, tokenizer, processor) -
             image_key=config.image_key,
             format_prompt=config.format_prompt,
             max_prompt_length=config.max_prompt_length,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         ),
     )
 
@@ -454,7 +478,7 @@ def count_only(config: GenerateConfig, spec: str, tokenizer, processor) -> dict[
 def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    handle_help(argv, USAGE, __doc__ or "", GenerateConfig, "GenerateConfig in verl/trainer/generate.py")
+    handle_help(argv, USAGE, __doc__ or "", GenerateConfig, "examples/generate_config.yaml")
     try:
         config = load_config(argv, GenerateConfig)
         check_config(config)

@@ -16,12 +16,15 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from verl.trainer.config import PPOConfig, RunConfig, reward_keys_rule
 from verl.trainer.interrupt import Interrupted, stop_on_signals
 from verl.utils.cli_help import handle_help
 from verl.utils.config import ConfigError, load_config, to_dict
+
+if TYPE_CHECKING:
+    from verl.utils.checkpoint import RunLock
 
 logger = logging.getLogger("verl")
 
@@ -268,10 +271,13 @@ def run_cli(
         return {}
     configure_threads(config.trainer.torch_threads)
     logger.info("config:\n%s", json.dumps(to_dict(config), indent=2))
+    # Before anything loads: a second run into this folder stops here, not after minutes of loading.
+    run_lock = lock_run_folder(config.trainer.save_checkpoint_path)
     trainer = None
     try:
-        # Ray (its workers too) is shut down on every way out, an interruption included.
-        with stop_on_signals(), stop_ray_started_here():
+        # Ray (its workers too) is shut down on every way out, an interruption included; the lock
+        # is released after that, once no worker of this run can write into the folder.
+        with run_lock, stop_on_signals(), stop_ray_started_here():
             try:
                 trainer = build(config)
             except ConfigError as exc:  # found by a check that needs the data or the reward function
@@ -281,6 +287,22 @@ def run_cli(
     except Interrupted as stop:
         report_interruption(stop, trainer, config.trainer.save_checkpoint_path)
         raise SystemExit(stop.exit_code) from None
+
+
+def lock_run_folder(folder: str) -> RunLock:
+    """Hold `trainer.save_checkpoint_path` for this run (this driver process; Ray's workers never
+    take it): exit 1 naming the other run and the folder when a live run holds it, exit 2 when the
+    folder cannot be created. Returns the lock (a context manager that releases it)."""
+    from verl.utils.checkpoint import RunFolderBusyError, acquire_run_lock
+
+    try:
+        return acquire_run_lock(folder)
+    except RunFolderBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        print(f"error: config key `trainer.save_checkpoint_path`: cannot lock {folder}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def report_interruption(stop: Interrupted, trainer: Any, checkpoint_root: str) -> None:

@@ -12,7 +12,7 @@ import os
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class PPOTrainer:
             self.global_step += 1
             self.dropped_rows = defaultdict(list)
             metrics, timings = {}, {}
+            validation_error: Exception | None = None
             with timer("step", timings):
                 batch, rollout_metrics = self._rollout_and_score(prompts, timings)
                 metrics.update(rollout_metrics)
@@ -120,8 +121,12 @@ class PPOTrainer:
                     (cfg.val_freq > 0 and self.global_step % cfg.val_freq == 0) or is_last
                 ):
                     with timer("validation", timings):
-                        metrics.update(self.validate())
-                    self.tracker.log_generations(self._logged_generations(), step=self.global_step)
+                        try:
+                            metrics.update(self.validate())
+                        except Exception as exc:  # the update is done: keep it (saved below), then stop
+                            validation_error = exc
+                    if validation_error is None:
+                        self.tracker.log_generations(self._logged_generations(), step=self.global_step)
 
             metrics.update(compute_data_metrics(batch))
             metrics.update(compute_throughput_metrics(batch, timings))
@@ -129,12 +134,35 @@ class PPOTrainer:
             self.tracker.log(metrics, step=self.global_step)
             # Saved after logging: a run killed once this checkpoint exists resumes after this step,
             # so its metrics must be written already (a resumed run drops what was logged after).
+            if validation_error is not None:
+                self._save_after_failed_validation(validation_error)
             if (cfg.save_freq > 0 and self.global_step % cfg.save_freq == 0) or is_last:
                 self.save_checkpoint()
             progress.update(1)
         progress.close()
         self.tracker.finish()
         return metrics
+
+    def _save_after_failed_validation(self, error: Exception) -> NoReturn:
+        """Validation failed after the step's update: save the step (whatever `save_freq` says),
+        its training metrics being logged already, then raise `error`. A rerun resumes after this
+        step instead of redoing it; the step's validation is not repeated."""
+        try:
+            path = self.save_checkpoint()
+        except Exception:
+            # The save's own traceback goes to the log; the validation error is what stopped the run.
+            logger.exception(
+                "step %d: validation failed, and saving the step's checkpoint failed too", self.global_step
+            )
+            raise error from None
+        logger.error(
+            "step %d: validation failed after the step's update; the step is saved in %s, so a rerun of "
+            "the same command resumes after it (without this validation): %s",
+            self.global_step,
+            path,
+            error,
+        )
+        raise error
 
     # ================================================================ stages
     def _endless_prompt_batches(self) -> Iterator[DataProto]:
@@ -308,9 +336,6 @@ class PPOTrainer:
         responses = batch.batch["responses"].masked_fill(batch.batch["response_mask"] == 0, self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(responses, skip_special_tokens=self.config.worker.reward.skip_special_tokens)
 
-    def _score(self, batch: DataProto, reward_fn: RewardFunction) -> list[dict[str, float]]:
-        return reward_fn(self._reward_inputs(batch))
-
     def _reward_inputs(self, batch: DataProto) -> list[RewardInput]:
         nt = batch.non_tensor_batch
         answers = nt.get("description_answers")
@@ -387,6 +412,7 @@ class PPOTrainer:
             raise ValueError("validate: no validation data (data.val_files is null)")
         sampling = self._sampling(validation=True)
         all_scores: list[dict[str, float]] = []
+        dropped = 0
         rows: list[dict[str, Any]] = []
         stage_metrics: dict[str, list[float]] = defaultdict(list)
         for prompts in progress(self.val_loader.single_pass(), "validation", len(self.val_loader)):
@@ -397,8 +423,9 @@ class PPOTrainer:
             if self.self_reward.active and self.config.self_reward.during_validation:
                 for key, value in self._run_self_reward(batch, sampling).items():
                     stage_metrics[key].append(value)
-            scores = self._score(batch, self.val_reward_fn)
-            all_scores.extend(scores)
+            scores = self._score_validation(batch)
+            all_scores.extend(score for score in scores if score is not None)
+            dropped += sum(score is None for score in scores)
             nt = batch.non_tensor_batch
             for i, score in enumerate(scores):
                 rows.append(
@@ -413,6 +440,12 @@ class PPOTrainer:
                 )
         metrics = {f"val/{k}": v for k, v in aggregate_reward_metrics(all_scores).items()}
         metrics.update({f"val/{k}": float(np.mean(v)) for k, v in stage_metrics.items()})
+        if self._val_bad_sample_policy()[0] == "drop_group":
+            metrics["val/dropped_bad_samples"] = float(dropped)
+            if dropped and not all_scores:
+                logger.warning(
+                    "validation at step %d: every sample's reward failed; no val/reward metrics", self.global_step
+                )
         self.last_val_generations = rows
         if write_generations:
             path = self.config.trainer.response_path or os.path.join(
@@ -424,6 +457,41 @@ class PPOTrainer:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             logger.info("wrote %d validation generations to %s", len(rows), path)
         return metrics
+
+    def _val_bad_sample_policy(self) -> tuple[str, str]:
+        """What validation does with a sample whose reward fails, and the config key that says so:
+        the policy of the reward config scoring validation (`worker.val_reward` when set)."""
+        if self.config.worker.val_reward is not None:
+            return self.config.worker.val_reward.on_bad_sample, "worker.val_reward.on_bad_sample"
+        return self.config.worker.reward.on_bad_sample, "worker.reward.on_bad_sample"
+
+    def _score_validation(self, batch: DataProto) -> list[dict[str, float] | None]:
+        """Validation rewards under the bad-sample policy: one score per sample, None for a failed
+        one under `drop_group` (left out of the metrics, warned about naming its row); with `error`
+        the first failure stops the run naming the row and the option that would keep it going."""
+        scores, failures = self.val_reward_fn.score_each(self._reward_inputs(batch))
+        if not failures:
+            return scores
+        policy, key = self._val_bad_sample_policy()
+        nt = batch.non_tensor_batch
+        dataset = self.val_loader.dataset
+
+        def row_name(index: int) -> str:
+            return dataset.row_name(int(nt["row_index"][index])) if "row_index" in nt else "row ?"
+
+        if policy == "error":
+            index, why = min(failures.items())
+            raise RewardFunctionError(
+                f"validation at step {self.global_step}: the reward of {row_name(index)} "
+                f"({len(failures)} bad sample(s) in this batch) failed: {why}. "
+                f"Set {key}=drop_group to leave such samples out of the validation metrics instead "
+                "(counted in val/dropped_bad_samples)."
+            )
+        for index, why in sorted(failures.items()):
+            logger.warning(
+                "validation at step %d: leaving %s out of the metrics: %s", self.global_step, row_name(index), why
+            )
+        return scores
 
     def _logged_generations(self) -> list[dict[str, Any]]:
         return self.last_val_generations[: self.config.trainer.val_generations_to_log]

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from verl.trainer.config import RunConfig
-from verl.utils.config import require
+from verl.trainer.config import RunConfig, check_pixel_bounds
+from verl.utils.config import require, require_size
 from verl.workers.config import SFTModelConfig, SFTOptimConfig
 
 COLD_START_DIR = "tiny_world/data/cold_start"
@@ -112,9 +112,14 @@ class SFTConfig:
             f"has {len(data.train_ratios)} values for {len(data.train_files)} train_files (give one per file, or none)",
         )
         require(all(r > 0 for r in data.train_ratios), "data.train_ratios", "every ratio must be positive")
-        require(data.batch_size > 0, "data.batch_size", "must be positive")
-        require(data.max_length > 0, "data.max_length", "must be positive")
-        require(trainer.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
+        require_size(data.batch_size, "data.batch_size")
+        require_size(data.max_length, "data.max_length")
+        check_pixel_bounds(data.min_pixels, data.max_pixels, "data")
+        require_size(trainer.micro_batch_size, "trainer.micro_batch_size")
+        require_size(evaluation.max_prompt_length, "eval.max_prompt_length")
+        require_size(evaluation.max_new_tokens, "eval.max_new_tokens")
+        require_size(evaluation.batch_size, "eval.batch_size")
+        require_size(evaluation.generations_to_log, "eval.generations_to_log", minimum=0)
         model.check("model")
         optim.check("optim")
         require(optim.max_grad_norm > 0, "optim.max_grad_norm", "must be positive")

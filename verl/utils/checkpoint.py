@@ -13,22 +13,35 @@ Checkpoints saved before manifests existed (a `trainer_state.json` but no `manif
 with a warning that their files cannot be verified; their `trainer_state.json` is still validated.
 Files that are not in the manifest (added after the save, e.g. `scripts/model_merger.py`'s default
 `actor/huggingface/` output) are ignored: nothing the save wrote can be missing or changed unnoticed.
+Weight files among them mark a merged model, and a folder holding one is never deleted: not by
+`trainer.save_limit`'s rotation (it is kept beyond the limit, with a warning naming it) and not by a
+new save of the same step (it is renamed aside instead).
+
+Every file and folder of a checkpoint gets the permissions of the umask (verl/utils/file_modes.py).
+`acquire_run_lock` keeps a second run out of a run's folder for the first run's lifetime.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
+
+from verl.utils.file_modes import honour_umask
 
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 TRACKER_FILE = "latest_global_step.txt"
@@ -39,9 +52,14 @@ CHECKSUMS = ("sha256", "size")
 """What a manifest records per file besides its size: sha256, or nothing more (size)."""
 ON_DAMAGED = ("fallback", "error")
 """What resuming does when the newest checkpoint is damaged."""
+MERGE_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+"""Weight files that, added to a checkpoint after its save, make it one holding a merged model."""
+MERGE_FOLDERS = ("huggingface", "adapter")
+"""scripts/model_merger.py's default output folders (full model, LoRA adapter) inside `actor/`."""
 _READ_CHUNK = 8 << 20
 _SHOWN_PROBLEMS = 5
 logger = logging.getLogger(__name__)
+_merges_reported: set[str] = set()
 
 
 class CheckpointDamagedError(RuntimeError):
@@ -291,14 +309,64 @@ def save_atomically(root: str, step: int, write: Callable[[str], None], checksum
     if problem is not None:
         raise RuntimeError(f"saving checkpoint step {step}: {problem} (the save must write a valid {STATE_FILE})")
     write_manifest(tmp, checksum, step)
+    # The writers' safetensors files come out 0600 whatever the umask (see verl/utils/file_modes.py).
+    honour_umask(tmp)
     if os.path.exists(final):
-        shutil.rmtree(final)
+        _remove_or_set_aside(final, "replaced by a new save of the same step")
     os.replace(tmp, final)
     tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
     with open(tracker_tmp, "w") as f:
         f.write(str(step))
     os.replace(tracker_tmp, os.path.join(root, TRACKER_FILE))
     return final
+
+
+def merged_model_folders(path: str) -> list[str]:
+    """The sub-folders (relative POSIX paths) of checkpoint `path` holding model weights its save did
+    not write: a merge, e.g. scripts/model_merger.py's default `actor/huggingface/`; [] when none.
+
+    With a readable manifest, any weight file not listed in it counts, wherever the merge was
+    written in the folder. Without one (a checkpoint from before manifests, an EasyR1 one, a damaged
+    manifest), weight files under a `huggingface/` or `adapter/` folder, the merger's default
+    outputs, count: such a checkpoint's own weights never live there.
+    """
+    manifest, _ = _read_manifest(path) if os.path.isfile(os.path.join(path, MANIFEST_FILE)) else (None, None)
+    names = _files_under(path) if os.path.isdir(path) else []
+    if manifest is not None:
+        added = [name for name in names if name not in manifest["files"]]
+    else:
+        added = [name for name in names if set(PurePosixPath(name).parts[:-1]) & set(MERGE_FOLDERS)]
+    weights = [name for name in added if name.endswith(MERGE_WEIGHT_SUFFIXES)]
+    return sorted({PurePosixPath(name).parent.as_posix() for name in weights})
+
+
+def _warn_kept_merge(path: str, merges: list[str]) -> None:
+    """Once per checkpoint and process: every later save would say it again."""
+    if path in _merges_reported:
+        return
+    _merges_reported.add(path)
+    logger.warning(
+        "trainer.save_limit: keeping %s, which holds a merged model (%s); move the merge out and delete the "
+        "checkpoint yourself to free its space",
+        path,
+        ", ".join(merges),
+    )
+
+
+def _remove_or_set_aside(path: str, why: str) -> str | None:
+    """Delete checkpoint folder `path`, unless it holds a merged model: then rename it to
+    `<path>.kept_<time>` (out of the `global_step_<N>` names, so no rotation or resume sees it
+    again) with a warning, and return the new path."""
+    merges = merged_model_folders(path)
+    if not merges:
+        shutil.rmtree(path)
+        return None
+    aside = f"{path}.kept_{time.strftime('%Y%m%d_%H%M%S')}"
+    os.replace(path, aside)
+    logger.warning(
+        "%s (%s) holds a merged model (%s): moved to %s instead of deleting it", path, why, ", ".join(merges), aside
+    )
+    return aside
 
 
 def remove_old_checkpoints(root: str, keep: int) -> list[str]:
@@ -308,6 +376,9 @@ def remove_old_checkpoints(root: str, keep: int) -> list[str]:
     Checkpoints are checked by size only here (every save runs this). A damaged checkpoint never
     counts as one of the `keep`: it cannot be resumed from, and keeping it in place of an intact one
     could leave nothing to resume. It is deleted too, but only while an intact checkpoint remains.
+    A checkpoint holding a merged model (`merged_model_folders`) is never deleted: the user made it
+    to keep it, and scripts/model_merger.py writes into the checkpoint by default. It is kept beyond
+    the `keep` newest, with a warning naming it.
     """
     if keep <= 0:
         return []
@@ -318,11 +389,13 @@ def remove_old_checkpoints(root: str, keep: int) -> list[str]:
     if not intact:
         return []
     removed = []
-    for check in damaged:
-        logger.warning("removing %s", check.describe())
-        shutil.rmtree(check.path)
-        removed.append(check.path)
-    for check in intact[:-keep]:
+    for check in damaged + intact[:-keep]:
+        merges = merged_model_folders(check.path)
+        if merges:
+            _warn_kept_merge(check.path, merges)
+            continue
+        if not check.intact:
+            logger.warning("removing %s", check.describe())
         shutil.rmtree(check.path)
         removed.append(check.path)
     return removed
@@ -394,3 +467,160 @@ def find_resume_checkpoint(
     if damaged:
         logger.warning("no intact checkpoint under %s (%d damaged): starting from scratch", root, len(damaged))
     return None
+
+
+# ---------------------------------------------------------------- one run per folder
+LOCK_FILE = "run.lock"
+"""In `trainer.save_checkpoint_path` while a run uses it: JSON naming the holder."""
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another live run holds the folder; the message names it (pid, host, start, command) and the folder."""
+
+
+@dataclass
+class RunLock:
+    """An exclusive `flock` on `<folder>/run.lock`, held by the open file `fd`. The kernel drops it
+    when the process ends, however it ends (kill -9 included), so a lock left behind never blocks a
+    later run; the JSON in the file only names the holder for messages."""
+
+    folder: str
+    path: str
+    fd: int | None
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding the lock, so no other run can be using it) and
+        drop the lock."""
+        if self.fd is None:
+            return
+        try:
+            if _same_file(self.fd, self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass  # a folder removed or made read-only meanwhile: dropping the lock below is what matters
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """What the lock file says about its holder; {} when empty or unreadable (written by no run yet,
+    or cut short by a crash while writing it)."""
+    try:
+        raw = os.pread(fd, 1 << 16, 0)
+        holder = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not _is_int(pid) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "a process that has not written its name into the lock file"
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}, "
+        f"command: {holder.get('command', '?')}"
+    )
+
+
+def _lock_unsupported(error: OSError) -> bool:
+    return error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def acquire_run_lock(folder: str, command: str | None = None) -> RunLock:
+    """Lock `folder` (a run's `trainer.save_checkpoint_path`, created if missing) for this process,
+    so that a second run into it stops at once instead of mixing its metrics and checkpoints with
+    ours; release it with `release()` or a `with` block.
+
+    Raises RunFolderBusyError naming the other run and the folder when a live process holds it. A
+    lock file left by a run that died without releasing it (kill -9, out of memory, power loss) is
+    taken over with a warning naming that run. `command` is recorded for the messages (default: this
+    process's command line). On a file system without locks (some network mounts) the run goes on
+    with a warning: one run per folder cannot be enforced there.
+
+    The file descriptor is not inherited by processes started with exec (Ray's workers and its local
+    instance included): the driver that took it alone holds the lock.
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": command if command is not None else shlex.join(getattr(sys, "orig_argv", sys.argv)),
+    }
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = _read_holder(fd)
+            os.close(fd)
+            raise RunFolderBusyError(_busy_message(folder, path, other)) from None
+        except OSError as error:
+            os.close(fd)
+            if not _lock_unsupported(error):
+                raise
+            logger.warning(
+                "cannot lock %s (%s): the file system does not support locks; make sure no other run uses %s",
+                path,
+                error.strerror or error,
+                folder,
+            )
+            return RunLock(folder, path, None)
+        # The holder before us may have released (and removed the file) between our open and our
+        # lock: then we hold a lock on a file no other run can see. Open the path again.
+        if _same_file(fd, path):
+            break
+        os.close(fd)
+    previous = _read_holder(fd)
+    if previous:
+        logger.warning(
+            "taking over the lock on %s left by %s: that run ended without releasing it (killed?), "
+            "no live process holds it",
+            folder,
+            _describe_holder(previous),
+        )
+    record = (json.dumps(holder, indent=1) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    # The lock file is ours too: the umask decides who may read it, and the next run's user must.
+    honour_umask(path)
+    return RunLock(folder, path, fd)
+
+
+def _busy_message(folder: str, path: str, holder: dict[str, Any]) -> str:
+    who = _describe_holder(holder)
+    if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+        # The recorded holder died, yet the lock is held: a process it forked (without exec) kept the file open.
+        who = f"a process started by {who} (pid {holder.get('pid')} itself is no longer running)"
+    return (
+        f"another run is using {folder}: {who}. Two runs in one folder would mix their metrics and overwrite "
+        f"each other's checkpoints. Wait for it to finish or stop it, or give this run another "
+        f"trainer.save_checkpoint_path. (lock file: {path})"
+    )

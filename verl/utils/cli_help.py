@@ -5,6 +5,7 @@ default: a multi-hour job should never start because an argument was forgotten."
 
 from __future__ import annotations
 
+import argparse
 import ast
 import inspect
 import sys
@@ -73,3 +74,15 @@ def handle_help(argv: list[str], usage: str, description: str, schema_cls: type,
             file=sys.stderr,
         )
         raise SystemExit(EXIT_NO_ARGUMENTS)
+
+
+def exit_if_no_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """The same rule for the argparse scripts whose defaults alone would start work (a build, a long
+    run, files written at a default place): with no arguments at all (`argv`, else the command
+    line's), print the usage on stderr and exit with EXIT_NO_ARGUMENTS; otherwise return."""
+    given = sys.argv[1:] if argv is None else argv
+    if given:
+        return
+    parser.print_usage(sys.stderr)
+    print("(no arguments given: nothing started; --help describes every option)", file=sys.stderr)
+    raise SystemExit(EXIT_NO_ARGUMENTS)

@@ -4,6 +4,10 @@ Each layer owns its config dataclasses (verl/workers/config.py, verl/trainer/con
 verl/trainer/sft_config.py); a run's whole config composes them. Values merge as defaults < YAML
 file < command line (`key.sub=value`) in `load_config`: unknown keys and wrong types fail in the
 merge, the rules of the values in the schema's `validate()`, both before any model is loaded.
+
+A key whose values are words including "true" and "false" (`choice_field`, e.g. `self_reward.enable`:
+auto, true, false) also takes a YAML boolean: `enable: true` in a file and `enable=true` on the command
+line are read by YAML as the boolean, which `load_config` turns back into the word before the merge.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -123,15 +127,65 @@ def require_choice(value: Any, allowed: Collection[Any], key: str) -> None:
         raise ConfigError(f"config key `{key}`: {value!r} is not one of: {names}")
 
 
-def _derived_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
+def require_size(
+    value: int | None,
+    key: str,
+    minimum: int = 1,
+    *,
+    sentinel: tuple[int, str] | None = None,
+    null: str | None = None,
+) -> None:
+    """Raise ConfigError naming `key` unless the count or length `value` is at least `minimum`, or the
+    documented `sentinel` (value, meaning), e.g. (-1, "the whole set"), or None where `null` (its
+    meaning) allows it. Sizes are checked at load: a zero or negative one otherwise fails only deep
+    in a run (a division by zero, a split into no parts), after the models have loaded."""
+    if value is None and null is not None:
+        return
+    if sentinel is not None and value == sentinel[0]:
+        return
+    rule = "must be positive" if minimum == 1 else f"must be >= {minimum}"
+    if sentinel is not None:
+        rule += f", or {sentinel[0]} ({sentinel[1]})"
+    if null is not None:
+        rule += f", or null ({null})"
+    require(value is not None and value >= minimum, key, f"{rule}; got {value!r}")
+
+
+def choice_field(default: str, choices: Collection[str]) -> Any:
+    """A str key taking one of the words `choices` (check it with `require_choice`). Where they
+    include "true" and "false", a YAML boolean given for the key means that word."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _schema_fields(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, dataclass field) of every key of `cls`, nested sections included (an optional
+    section, `X | None`, too: its keys may be given in a file)."""
+    hints = get_type_hints(cls)
+    found = []
     for f in fields(cls):
-        if f.metadata.get("derived"):
-            keys.append(prefix + f.name)
-        default = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
-        if is_dataclass(default):
-            keys.extend(_derived_keys(type(default), prefix + f.name + "."))
-    return keys
+        found.append((prefix + f.name, f))
+        for section in getattr(hints[f.name], "__args__", (hints[f.name],)):
+            if is_dataclass(section) and isinstance(section, type):
+                found.extend(_schema_fields(section, prefix + f.name + "."))
+    return found
+
+
+def _derived_keys(cls: type) -> list[str]:
+    return [key for key, f in _schema_fields(cls) if f.metadata.get("derived")]
+
+
+def _boolean_word_keys(cls: type) -> list[str]:
+    """Keys declared with `choice_field` whose choices include the words "true" and "false"."""
+    return [key for key, f in _schema_fields(cls) if {"true", "false"} <= set(f.metadata.get("choices", ()))]
+
+
+def _booleans_to_words(source: Any, keys: list[str]) -> None:
+    """YAML reads `true`/`false` (and yes/no, on/off) as booleans, and the merge into a str key would
+    make them "True"/"False", which no choice list holds: the words they stand for instead."""
+    for key in keys:
+        found, value = _select(source, key)
+        if found and isinstance(value, bool):
+            OmegaConf.update(source, key, "true" if value else "false")
 
 
 def _merge(schema_cls: type, sources: list[tuple[str, Any]]) -> Any:
@@ -178,7 +232,9 @@ def load_config(argv: list[str], schema_cls: type) -> Any:
                 f"{len(problems)} config key(s) of another framework name features not available here:\n"
                 + "\n".join(problems)
             )
+    boolean_words = _boolean_word_keys(schema_cls)
     for origin, source in sources:
+        _booleans_to_words(source, boolean_words)
         for key in derived:
             if OmegaConf.select(source, key, default=None) is not None:
                 raise ConfigError(f"config key `{key}` from {origin}: derived from other keys; do not set it")

@@ -7,6 +7,7 @@ multi-image rows may be mixed in one dataset (math12k, geometry3k, journeybench-
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import logging
@@ -21,7 +22,7 @@ import datasets
 import numpy as np
 import torch
 from jinja2 import Template
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from verl.protocol import DataProto
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 DATA_FILE_TYPES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+# Skipped bad rows whose reason the warning shows (the rest are only counted).
+BAD_ROWS_SHOWN = 5
 
 
 class DataError(ValueError):
@@ -65,15 +68,92 @@ def local_data_files(spec: str) -> list[str]:
 
 
 def load_rows(spec: str) -> datasets.Dataset:
+    """The rows of a data spec, with images left undecoded (see `without_image_decoding`)."""
     path, kwargs = resolve_data_files(spec)
     try:  # an empty or unreadable file, named plainly rather than as the loader's inner error
         check_data_files(spec, local_data_files(spec))
     except PreflightError as exc:
         raise DataError(str(exc)) from None
     try:
-        return datasets.load_dataset(path, **kwargs)
+        rows = datasets.load_dataset(path, **kwargs)
     except Exception as exc:  # datasets raises many types; keep the cause, name the spec
         raise DataError(f"could not load data {spec!r}: {exc}") from exc
+    return without_image_decoding(rows)
+
+
+def _undecoded(feature: Any) -> Any:
+    """`feature` with every `datasets.Image` in it (nested in lists and structs too) set to decode=False."""
+    if isinstance(feature, datasets.Image):
+        return dataclasses.replace(feature, decode=False)
+    if isinstance(feature, dict):  # Features and struct features
+        return {key: _undecoded(value) for key, value in feature.items()}
+    if isinstance(feature, list):  # the `[feature]` shorthand of a list
+        return [_undecoded(value) for value in feature]
+    if isinstance(feature, datasets.List | datasets.LargeList):
+        return dataclasses.replace(feature, feature=_undecoded(feature.feature))
+    return feature
+
+
+def without_image_decoding(rows: datasets.Dataset) -> datasets.Dataset:
+    """`rows` whose image columns read as `{"bytes", "path"}` dicts instead of PIL images.
+
+    A parquet file written with the Hugging Face `Image` feature in its schema (the tiny world's, the
+    hub's) makes `datasets` decode images whenever a row is read, so a corrupt image would raise a bare
+    `UnidentifiedImageError` naming neither file nor row, and before any per-row check could skip it.
+    Undecoded, images are opened by `open_image` inside the row checks, which name the row and column.
+    Only the features change (the arrow data is the same), so nothing is copied.
+    """
+    features = rows.features
+    undecoded = datasets.Features(_undecoded(features))
+    if undecoded == features:
+        return rows
+    info = rows.info.copy()
+    info.features = undecoded
+    return datasets.Dataset(rows.data, info=info, split=rows.split)
+
+
+class RowNames:
+    """Names dataset row `index` of a data spec by the file it comes from and its row there.
+
+    A folder's files load one after another in sorted order; for parquet files the footers give each
+    file's row count, so a row is named in its own file. Other multi-file specs (and `name@split`)
+    name the spec and the row's index over all its files.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.files = local_data_files(spec) if os.path.exists(spec) else []
+        self.starts: list[int] = []
+        if len(self.files) > 1 and all(f.endswith(".parquet") for f in self.files):
+            import pyarrow.parquet as pq
+
+            start = 0
+            for path in self.files:
+                self.starts.append(start)
+                start += pq.ParquetFile(path).metadata.num_rows
+
+    def __call__(self, index: int) -> str:
+        if len(self.files) == 1:
+            return f"{self.files[0]} row {index}"
+        if self.starts:
+            position = int(np.searchsorted(self.starts, index, side="right")) - 1
+            return f"{self.files[position]} row {index - self.starts[position]} (row {index} of {self.spec})"
+        return f"{self.spec} row {index}"
+
+
+def describe_image(value: Any) -> str:
+    """A short description of an image value for messages: its path, or its size (never its bytes)."""
+    if isinstance(value, dict):
+        path, data = value.get("path"), value.get("bytes")
+        parts = [f"path {path!r}"] if path else []
+        if data:
+            parts.append(f"{len(data)} bytes")
+        return ", ".join(parts) or "no bytes and no path"
+    if isinstance(value, bytes | bytearray):
+        return f"{len(value)} bytes"
+    if isinstance(value, str):
+        return f"path {value!r}"
+    return type(value).__name__
 
 
 def open_image(value: Any, image_dir: str | None) -> Image.Image:
@@ -81,9 +161,15 @@ def open_image(value: Any, image_dir: str | None) -> Image.Image:
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
+        if not value.get("bytes") and "://" in str(value.get("path") or ""):
+            # A remote path (e.g. hf://) of an undecoded `Image` column: fetched as `datasets` would.
+            return datasets.Image().decode_example(value)
         value = value.get("bytes") or value.get("path")
     if isinstance(value, bytes | bytearray):
-        return Image.open(io.BytesIO(value))
+        try:
+            return Image.open(io.BytesIO(value))
+        except UnidentifiedImageError:  # PIL's own message names only an anonymous BytesIO object
+            raise UnidentifiedImageError(f"{len(value)} bytes in no image format PIL can read") from None
     if isinstance(value, str):
         path = value if os.path.isabs(value) or image_dir is None else os.path.join(image_dir, value)
         return Image.open(path)
@@ -201,6 +287,8 @@ class PromptDataset(torch.utils.data.Dataset):
             if key not in rows.column_names:
                 raise DataError(f"{data_spec}: column {key!r} not found (columns: {rows.column_names})")
         self.rows = rows
+        self.row_name = RowNames(data_spec)
+        self.bad_rows: list[str] = []  # why each row skipped under skip_bad_samples was skipped
         self.has_images = config.image_key in rows.column_names
         self.indices, self.num_filtered, self.num_bad = self._scan()
         if self.num_filtered:
@@ -211,7 +299,14 @@ class PromptDataset(torch.utils.data.Dataset):
                 config.max_prompt_length,
             )
         if self.num_bad:
-            logger.warning("%s: skipped %d rows with missing or corrupt images", data_spec, self.num_bad)
+            # The first few reasons name file, row and column, so the rows can be found and fixed.
+            logger.warning(
+                "%s: skipped %d rows with missing or corrupt images or mismatched placeholders "
+                "(data.skip_bad_samples=true), e.g.:\n  %s",
+                data_spec,
+                self.num_bad,
+                "\n  ".join(self.bad_rows[:BAD_ROWS_SHOWN]),
+            )
         if not self.indices:
             raise DataError(f"{data_spec}: no usable rows left after filtering")
 
@@ -221,15 +316,18 @@ class PromptDataset(torch.utils.data.Dataset):
         if not values:
             return []
         if self.processor is None:
-            raise DataError(f"{self.spec} row {row_index}: has images but the model is text-only")
+            raise DataError(f"{self.row_name(row_index)}: has images but the model is text-only")
         factor = image_factor(self.processor)
         images = []
-        for value in values:
+        for number, value in enumerate(values, start=1):
             try:
                 image = open_image(value, self.config.image_dir)
                 images.append(resize_within(image, self.config.min_pixels, self.config.max_pixels, factor))
-            except (OSError, TypeError, ValueError) as exc:
-                raise DataError(f"{self.spec} row {row_index}: bad image ({exc})") from exc
+            except (OSError, TypeError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                raise DataError(
+                    f"{self.row_name(row_index)}: bad image ({exc}) in column {self.config.image_key!r}, "
+                    f"image {number} of {len(values)} ({describe_image(value)})"
+                ) from exc
         return images
 
     def _prompt_text(self, row_index: int, row: dict[str, Any], num_images: int) -> str:
@@ -239,7 +337,7 @@ class PromptDataset(torch.utils.data.Dataset):
         try:
             messages = build_messages(question, num_images)
         except DataError as exc:
-            raise DataError(f"{self.spec} row {row_index}: {exc}") from None
+            raise DataError(f"{self.row_name(row_index)}: {exc}") from None
         template_owner = self.processor if self.processor is not None else self.tokenizer
         return template_owner.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
@@ -261,9 +359,10 @@ class PromptDataset(torch.utils.data.Dataset):
             try:
                 images = self._images(index, row)
                 text = self._prompt_text(index, row, len(images))
-            except DataError:
+            except DataError as exc:
                 if not self.config.skip_bad_samples:
                     raise
+                self.bad_rows.append(str(exc))
                 bad += 1
                 continue
             length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -272,7 +371,7 @@ class PromptDataset(torch.utils.data.Dataset):
             if length > self.config.max_prompt_length:
                 if not self.config.filter_overlong_prompts:
                     raise DataError(
-                        f"{self.spec} row {index}: prompt has {length} tokens > max_prompt_length="
+                        f"{self.row_name(index)}: prompt has {length} tokens > max_prompt_length="
                         f"{self.config.max_prompt_length} (set data.filter_overlong_prompts=true to drop such rows)"
                     )
                 filtered += 1

@@ -29,7 +29,9 @@ from verl.utils.dataset import (
     IMAGE_PLACEHOLDER,
     DataError,
     EpochLoader,
+    RowNames,
     build_messages,
+    describe_image,
     image_factor,
     load_rows,
     open_image,
@@ -99,13 +101,14 @@ def read_conversations(spec: str, image_dir: str | None = None) -> list[Conversa
     Relative image paths resolve against `image_dir`, by default the data file's folder.
     """
     rows = load_rows(spec)
+    row_name = RowNames(spec)
     columns = set(rows.column_names)
     base_dir = image_dir if image_dir is not None else _default_image_dir(spec)
     conversations = []
     if "messages" in columns or "conversations" in columns:
         key = "messages" if "messages" in columns else "conversations"
         for index, row in enumerate(rows):
-            origin = f"{spec} row {index}"
+            origin = row_name(index)
             turns = _sharegpt_turns(row[key], origin)
             conversations.append(Conversation(turns, list(row.get("images") or []), base_dir, origin))
     elif {"instruction", "output"} <= columns:
@@ -114,7 +117,7 @@ def read_conversations(spec: str, image_dir: str | None = None) -> list[Conversa
             if row.get("input"):
                 prompt = f"{prompt}\n{row['input']}"
             turns = [("user", prompt), ("assistant", str(row["output"]))]
-            conversations.append(Conversation(turns, [], base_dir, f"{spec} row {index}"))
+            conversations.append(Conversation(turns, [], base_dir, row_name(index)))
     else:
         raise DataError(
             f"{spec}: neither sharegpt (a `messages` or `conversations` column) nor alpaca "
@@ -190,12 +193,16 @@ class ConversationEncoder:
             raise DataError(f"{conversation.origin}: has images but the model is text-only")
         factor = image_factor(self.processor)
         images = []
-        for value in conversation.images:
+        for number, value in enumerate(conversation.images, start=1):
             try:
                 image = open_image(value, conversation.image_dir)
                 images.append(resize_within(image, self.min_pixels, self.max_pixels, factor))
-            except (OSError, TypeError, ValueError) as exc:
-                raise DataError(f"{conversation.origin}: bad image {value!r} ({exc})") from exc
+            except (OSError, TypeError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                # The value is described, not repr'd: undecoded images carry their bytes.
+                raise DataError(
+                    f"{conversation.origin}: bad image ({exc}) in column 'images', image {number} of "
+                    f"{len(conversation.images)} ({describe_image(value)})"
+                ) from exc
         return images
 
     def _chat_messages(self, conversation: Conversation, num_images: int) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 from verl.algorithms.core_algos import LOSS_AGG_MODES, POLICY_LOSSES
 from verl.models.loading import ATTN_IMPLEMENTATIONS, DTYPES
 from verl.reward.function import BAD_SAMPLE_POLICIES, REWARD_TYPES
-from verl.utils.config import require, require_choice
+from verl.utils.config import require, require_choice, require_size
 from verl.workers.optimizer import LR_SCHEDULES, OPTIMIZERS
 from verl.workers.rollout import ROLLOUT_ENGINES
 
@@ -47,7 +47,7 @@ class LoRAConfig:
         return self.rank > 0
 
     def check(self, prefix: str) -> None:
-        require(self.rank >= 0, f"{prefix}.rank", "must be >= 0 (0 turns LoRA off)")
+        require_size(self.rank, f"{prefix}.rank", sentinel=(0, "LoRA off"))
         require(self.alpha > 0, f"{prefix}.alpha", "must be positive")
         require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
         require(bool(self.target_modules), f"{prefix}.target_modules", "must name the layers to adapt")
@@ -111,6 +111,7 @@ class OptimConfig:
         require_choice(self.lr_scheduler_type, LR_SCHEDULES, f"{prefix}.lr_scheduler_type")
         require(0 <= self.lr_warmup_ratio <= 1, f"{prefix}.lr_warmup_ratio", "must be in [0, 1]")
         require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        require_size(self.lr_warmup_steps, f"{prefix}.lr_warmup_steps", minimum=0, sentinel=(-1, "use lr_warmup_ratio"))
 
 
 @dataclass
@@ -125,6 +126,7 @@ class FSDPConfig:
     """Mixed-precision compute dtype on GPU (CPU always computes in fp32)."""
 
     def check(self, prefix: str) -> None:
+        require_size(self.fsdp_size, f"{prefix}.fsdp_size", sentinel=(-1, "shard over all ranks"))
         if self.torch_dtype is not None:
             require_choice(self.torch_dtype, DTYPES, f"{prefix}.torch_dtype")
         require_choice(self.mp_param_dtype, DTYPES, f"{prefix}.mp_param_dtype")
@@ -206,20 +208,17 @@ class ActorConfig:
         return self.shared_prompt if self.shared_prompt is not None else not self.padding_free
 
     def check(self, prefix: str) -> None:
-        require(self.ppo_epochs >= 1, f"{prefix}.ppo_epochs", "must be at least 1")
+        # Checked here, before the trainer's divisibility rules divide by it (0: ZeroDivisionError;
+        # negative: a split into no parts only after a whole rollout).
+        require_size(self.global_batch_size, f"{prefix}.global_batch_size")
+        require_size(self.ppo_epochs, f"{prefix}.ppo_epochs")
         require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be positive")
-        require(
-            self.micro_batch_size_per_device_for_update > 0,
-            f"{prefix}.micro_batch_size_per_device_for_update",
-            "must be positive",
+        require_size(self.micro_batch_size_per_device_for_update, f"{prefix}.micro_batch_size_per_device_for_update")
+        require_size(
+            self.micro_batch_size_per_device_for_experience, f"{prefix}.micro_batch_size_per_device_for_experience"
         )
-        require(
-            self.micro_batch_size_per_device_for_experience > 0,
-            f"{prefix}.micro_batch_size_per_device_for_experience",
-            "must be positive",
-        )
-        require(self.logprob_chunk_size >= 0, f"{prefix}.logprob_chunk_size", "must be >= 0 (0: full logits)")
-        require(self.max_token_len_per_gpu > 0, f"{prefix}.max_token_len_per_gpu", "must be positive")
+        require_size(self.logprob_chunk_size, f"{prefix}.logprob_chunk_size", sentinel=(0, "full logits"))
+        require_size(self.max_token_len_per_gpu, f"{prefix}.max_token_len_per_gpu")
         require(
             not (self.shared_prompt is True and self.padding_free),
             f"{prefix}.shared_prompt",
@@ -276,12 +275,18 @@ class RolloutConfig:
 
     def check(self, prefix: str) -> None:
         require_choice(self.name, sorted(ROLLOUT_ENGINES), f"{prefix}.name")
-        require(self.n >= 1, f"{prefix}.n", "must be at least 1")
-        require(self.val_n >= 1, f"{prefix}.val_n", "must be at least 1")
+        require_size(self.n, f"{prefix}.n")
+        require_size(self.val_n, f"{prefix}.val_n")
         require(self.temperature >= 0, f"{prefix}.temperature", "must be >= 0 (0 is greedy)")
         require(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
-        require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", "must be positive")
-        require(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size", "must be at least 1")
+        require(self.val_temperature >= 0, f"{prefix}.val_temperature", "must be >= 0 (0 is greedy)")
+        require(0 < self.val_top_p <= 1, f"{prefix}.val_top_p", "must be in (0, 1]")
+        require_size(self.top_k, f"{prefix}.top_k", sentinel=(-1, "no top-k"))
+        require_size(self.micro_batch_size, f"{prefix}.micro_batch_size")
+        require_size(self.tensor_parallel_size, f"{prefix}.tensor_parallel_size")
+        require_size(self.max_num_batched_tokens, f"{prefix}.max_num_batched_tokens")
+        require_size(self.max_model_len, f"{prefix}.max_model_len", null="prompt + response length")
+        require_size(self.limit_images, f"{prefix}.limit_images", sentinel=(0, "as many as the data holds"))
         require(
             self.tensor_parallel_size == 1 or self.name == "vllm",
             f"{prefix}.tensor_parallel_size",
@@ -297,10 +302,8 @@ class RefConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def check(self, prefix: str) -> None:
-        require(
-            self.micro_batch_size_per_device_for_experience > 0,
-            f"{prefix}.micro_batch_size_per_device_for_experience",
-            "must be positive",
+        require_size(
+            self.micro_batch_size_per_device_for_experience, f"{prefix}.micro_batch_size_per_device_for_experience"
         )
         self.fsdp.check(f"{prefix}.fsdp")
 
@@ -315,10 +318,11 @@ class RewardConfig:
     """Extra keyword arguments passed to the reward function."""
     skip_special_tokens: bool = True
     on_bad_sample: str = "error"
-    """A training sample whose reward fails (the function raises on it, or returns a non-finite or
+    """A sample whose reward fails (the function raises on it, or returns a non-finite or
     non-numeric value): `error` stops the run naming the sample (row index, uid, question, value);
-    `drop_group` leaves that sample's whole group out of the step and counts it in
-    `reward/dropped_groups`. Never trained on either way."""
+    `drop_group` leaves a training sample's whole group out of the step (counted in
+    `reward/dropped_groups`) and a validation sample out of the validation metrics (counted in
+    `val/dropped_bad_samples`). Never trained on either way."""
 
     def check(self, prefix: str) -> None:
         require_choice(self.on_bad_sample, BAD_SAMPLE_POLICIES, f"{prefix}.on_bad_sample")
