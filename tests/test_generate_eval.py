@@ -255,3 +255,23 @@ def test_eval_script_answers_as_the_trainers_validation_does(tiny_world, tmp_pat
         assert ours["ground_truth"] == theirs["ground_truth"], index
         assert ours["response"] == theirs["response"], f"row {index}: the two paths answered differently"
         assert float(ours["final_correct"]) == theirs["score"]["accuracy"], index
+
+
+def test_a_corrupt_benchmark_image_is_named_or_skipped_and_counted(tiny_world, tmp_path, capsys):
+    """A benchmark row whose image is no image stops generation naming the file and row (exit 2, no
+    traceback); with skip_bad_samples=true the other rows are answered and the row is counted as
+    `bad_rows` in generation_summary.json."""
+    from test_dataset import corrupt_digit_sum
+
+    spec = corrupt_digit_sum(tiny_world, tmp_path / "digits.parquet")
+    argv = [
+        f"model_path={tiny_world / 'models/qwen2_5_vl'}", "model_name=tiny", f"benchmarks=[{spec}]",
+        f"output_dir={tmp_path / 'raw'}", "max_new_tokens=2", "engine=hf",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        generate_main(argv)
+    assert exit_.value.code == 2
+    assert f"error: {spec} row 3: bad image" in capsys.readouterr().err
+    out_dir = Path(generate_main([*argv, "skip_bad_samples=true"]))
+    summary = json.loads((out_dir / SUMMARY_FILE).read_text())["digits"]
+    assert summary["bad_rows"] == 1 and summary["answered"] == 5 and summary["questions"] == 6

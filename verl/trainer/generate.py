@@ -31,7 +31,7 @@ from verl.models.loading import load_model, load_tokenizer_and_processor, resolv
 from verl.protocol import SamplingParams
 from verl.utils.cli_help import handle_help
 from verl.utils.config import ConfigError, load_config
-from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
+from verl.utils.dataset import DataError, PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.utils.device import resolve_device
 from verl.utils.progress import progress
 from verl.workers.rollout.base import eos_token_ids
@@ -83,6 +83,9 @@ class GenerateConfig:
     max_pixels: int | None = None
     """Images with more pixels are downscaled; None: the model processor's own bound (`size.longest_edge`).
     The paper's benchmark runs set 4194304."""
+    skip_bad_samples: bool = False
+    """Skip questions whose image is missing or corrupt (counted as `bad_rows` in generation_summary.json,
+    the first few named in the log) instead of stopping on the first, which is named by file and row."""
     device: str = "auto"
 
 
@@ -257,6 +260,7 @@ def benchmark_dataset(config: GenerateConfig, spec: str, tokenizer, processor) -
             max_prompt_length=config.max_prompt_length,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
+            skip_bad_samples=config.skip_bad_samples,
         ),
     )
 
@@ -485,7 +489,11 @@ def main(argv: list[str] | None = None) -> str:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return run(config, argv)
+    try:
+        return run(config, argv)
+    except DataError as exc:  # a benchmark's bad row, named by file and row: no traceback to read through
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cli() -> None:
