@@ -13,8 +13,9 @@ kernel's high-water mark and runs the measured pass. "Above baseline" is the pea
 Paths: `full` and `chunked` as above; `model_only` runs the model up to the LM head's input and
 no head at all: the floor under any log-prob method (attention activations, for instance, grow
 with the sequence). Modes: `no_grad` is the log-prob pass (log-probs and entropy under
-torch.no_grad); `backward` is the update pass (loss = sum(adv * logp) - 0.01 * sum(entropy), then
-backward). No pass/fail: numbers to compare within one run.
+torch.no_grad); `backward` is the update pass (loss = sum(adv * logp) - c * sum(entropy), then
+backward; c is --entropy-coeff, default 0.01, and 0 leaves the entropy out of the loss as the actor
+does with entropy_coeff 0). No pass/fail: numbers to compare within one run.
 """
 
 from __future__ import annotations
@@ -122,7 +123,12 @@ def run_case(args: argparse.Namespace) -> dict:
         else:
             log_probs, entropy = compute(kwargs, responses)
             advantages = torch.linspace(-1.0, 1.0, log_probs.numel()).view_as(log_probs)
-            ((advantages * log_probs).sum() - 0.01 * entropy.sum()).backward()
+            loss = (advantages * log_probs).sum()
+            if args.entropy_coeff != 0:
+                loss = loss - args.entropy_coeff * entropy.sum()
+            # With 0 the entropy is still computed (the actor reports it) but left out of the loss,
+            # as the actor does: the chunked backward then skips the entropy's gradient.
+            loss.backward()
         return float(log_probs.detach().mean())
 
     one_pass(*make_inputs(16))  # warm-up; parameter gradients stay allocated, as during accumulation
@@ -170,6 +176,8 @@ def spawn(args: argparse.Namespace, path: str, mode: str, length: int) -> dict:
         str(args.chunk_size),
         "--temperature",
         str(args.temperature),
+        "--entropy-coeff",
+        str(args.entropy_coeff),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -192,6 +200,9 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=64, help="prompt tokens per row (default: 64)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--entropy-coeff", type=float, default=0.01, help="entropy weight in the backward loss; 0 leaves it out"
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     # Internal: run one case and print its JSON.
@@ -221,7 +232,7 @@ def main() -> None:
     logits_mib = {length: args.batch * length * any_case["vocab"] * 4 / 2**20 for length in args.lengths}
     print(
         f"\nmodel {args.model}, vocab {any_case['vocab']}, prompt {args.prompt_length}, chunk {args.chunk_size}, "
-        f"temperature {args.temperature}, 1 torch thread; peak RSS above baseline in MiB "
+        f"temperature {args.temperature}, entropy coeff {args.entropy_coeff}, 1 torch thread; peak RSS above baseline in MiB "
         f"(baseline ~{any_case['baseline_mib']:.0f} MiB{'' if any_case['peak_reset'] else '; ru_maxrss, peak not reset'})"
     )
     header = f"{'mode':9s} {'micro-batch':>11s} {'fp32 logits':>11s}"

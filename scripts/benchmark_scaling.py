@@ -16,7 +16,15 @@ on-policy shortcut and shared prompts). On CPU
 the packed rows attend through sdpa with a block-diagonal mask, whose cost grows with the square of
 a micro-batch's tokens; flash-attention's variable-length kernel on GPU has no such cost.
 
-Usage: OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/benchmark_scaling.py [--quick]
+Prompt encodings (`--dp-sizes`, or alone with `--encodings-only`): how many prompt forwards one
+shared-prompt log-prob pass runs over `--encoding-prompts` x `--encoding-n` sampled responses when
+the batch is shared out over 1, 2, 4, ... data-parallel ranks, with the dispatch balancing rows one
+by one (as before whole-group balancing) or keeping GRPO groups whole (`uid`s, what the workers
+ask for with shared prompts). The ranks are simulated in this process with the worker group's own
+split (verl/single_controller/dispatch.py) and the actor's own micro-batches and prompt grouping;
+no model runs, so it takes seconds after sampling. One encoding per group is the floor.
+
+Usage: OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/benchmark_scaling.py [--quick] [--encodings-only]
 """
 
 from __future__ import annotations
@@ -30,11 +38,15 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from verl.protocol import DataProto, SamplingParams  # noqa: E402
+from verl.single_controller.dispatch import split_by_dp  # noqa: E402
 from verl.tiny_world import build_tiny_world  # noqa: E402
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts  # noqa: E402
+from verl.workers.actor.dp_actor import count_prompt_forwards  # noqa: E402
+from verl.workers.actor.micro_batches import micro_batches  # noqa: E402
 from verl.workers.config import WorkerConfig  # noqa: E402
 from verl.workers.fsdp_worker import ActorRolloutRefWorker  # noqa: E402
 
@@ -98,7 +110,9 @@ def sample_batch(
             max_prompt_length=8192,
         ),
     )
-    batch = collate_prompts([ds[i] for i in range(prompts)], worker.tokenizer.pad_token_id)
+    batch = collate_prompts([ds[i % len(ds)] for i in range(prompts)], worker.tokenizer.pad_token_id)
+    # One uid per prompt, repeated over its samples by the rollout, as the trainer gives them.
+    batch.non_tensor_batch["uid"] = np.array([f"prompt{i}" for i in range(prompts)], dtype=object)
     batch.meta_info["sampling"] = SamplingParams(n=n, temperature=1.0, max_new_tokens=length, seed=7)
     return worker.generate_sequences(batch)
 
@@ -151,6 +165,41 @@ def time_step(worker: ActorRolloutRefWorker, data: DataProto, variant: dict) -> 
     return times
 
 
+def prompt_encodings(data: DataProto, dp_size: int, micro_batch_size: int, whole_groups: bool) -> int:
+    """Prompt forwards of one shared-prompt log-prob pass over `data` on `dp_size` simulated ranks:
+    the dispatch's split (by `uid` groups or row by row), then each rank's micro-batches of
+    `micro_batch_size` rows (whole groups when `whole_groups`, as the actor forms them), counted
+    with the actor's own prompt grouping (equal prompt tokens and images)."""
+    shards, _ = split_by_dp(data, dp_size, "uid" if whole_groups else None)
+    pieces = [micro_batches(shard, micro_batch_size, False, 0, keep_groups=whole_groups) for shard in shards]
+    # Real ranks agree on the number of micro-batches (the largest); equal here, so none is cut further.
+    if len({len(p) for p in pieces}) != 1:
+        print(f"  note: {dp_size} ranks formed {[len(p) for p in pieces]} micro-batches; real ranks cut to the largest")
+    return sum(count_prompt_forwards(micro, shared_prompt=True) for rank in pieces for micro in rank)
+
+
+def print_prompt_encodings(worker: ActorRolloutRefWorker, world: str, args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    data = sample_batch(worker, world, args.encoding_prompts, args.encoding_n, args.base_length)
+    print(
+        f"\nprompt encodings per log-prob pass: {args.encoding_prompts} prompts x {args.encoding_n} samples "
+        f"(up to {args.base_length} tokens, sampled in {time.perf_counter() - started:.1f}s), micro-batches of "
+        f"{args.micro_experience}; one per group is {args.encoding_prompts}, the plain path runs {len(data)}"
+    )
+    header = (
+        f"{'ranks':>5} {'row balancing':>14} {'whole groups':>13} {'per group (rows)':>17} {'per group (groups)':>19}"
+    )
+    print(header)
+    print("-" * len(header))
+    for dp_size in args.dp_sizes:
+        rows, groups = (prompt_encodings(data, dp_size, args.micro_experience, whole) for whole in (False, True))
+        print(
+            f"{dp_size:>5} {rows:>14} {groups:>13} {rows / args.encoding_prompts:>17.2f} "
+            f"{groups / args.encoding_prompts:>19.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2)
@@ -170,6 +219,12 @@ def main() -> None:
         help="prompt-length axis: image tokens per prompt (at --base-n and --base-length); none to skip",
     )
     parser.add_argument("--quick", action="store_true", help="lengths 32 128, n 4 8, image tokens 16 256")
+    parser.add_argument(
+        "--dp-sizes", type=int, nargs="*", default=[1, 2, 4, 8], help="prompt-encodings table: ranks; none to skip"
+    )
+    parser.add_argument("--encoding-prompts", type=int, default=16, help="prompt-encodings table: prompts")
+    parser.add_argument("--encoding-n", type=int, default=8, help="prompt-encodings table: samples per prompt")
+    parser.add_argument("--encodings-only", action="store_true", help="only the prompt-encodings table")
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.ns, args.image_tokens = [32, 128], [4, 8], [16, 256]
@@ -177,6 +232,10 @@ def main() -> None:
 
     world = tiny_world_path()
     worker = make_worker(world, args.micro_update, args.micro_experience, args.max_token_len_per_gpu)
+    if args.dp_sizes:
+        print_prompt_encodings(worker, world, args)
+    if args.encodings_only:
+        return
     n_full, len_full = max(args.ns + [args.base_n]), max(args.lengths + [args.base_length])
     started = time.perf_counter()
     full = sample_batch(worker, world, args.prompts, n_full, len_full)

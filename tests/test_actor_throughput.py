@@ -10,15 +10,18 @@ path only in summation order, so log-probs, losses and weights agree within 1e-5
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from verl.protocol import DataProto, SamplingParams
+from verl.single_controller.dispatch import split_by_dp
 from verl.trainer.config import PPOConfig
 from verl.trainer.ppo_trainer import old_log_prob_pass_skippable
 from verl.utils.config import ConfigError
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
-from verl.workers.actor.micro_batches import micro_batches, split_to_count, token_budget_groups
+from verl.workers.actor.dp_actor import count_prompt_forwards
+from verl.workers.actor.micro_batches import micro_batches, prompt_run_starts, split_to_count, token_budget_groups
 from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
@@ -38,6 +41,74 @@ def test_split_to_count_halves_the_heaviest_group_in_order():
     assert split_to_count([[0, 1], [2, 3, 4]], counts, 3) == [[0, 1], [2], [3, 4]]
     with pytest.raises(ValueError, match="cannot form 3"):
         split_to_count([[0], [1]], counts, 3)
+
+
+def prompt_rows(prompts: list[int], lengths: list[int], uids: bool = True) -> DataProto:
+    """One row per entry: a 2-token prompt `prompts[i]` (rows with equal prompts form a group) and
+    a response of `lengths[i]` tokens, right-padded to the longest."""
+    width = max(lengths)
+    rows = len(prompts)
+    prompt = torch.tensor(prompts)[:, None].repeat(1, 2)
+    response_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    responses = 7 * response_mask
+    tensors = {
+        "input_ids": torch.cat([prompt, responses], 1),
+        "attention_mask": torch.cat([torch.ones(rows, 2, dtype=torch.long), response_mask], 1),
+        "responses": responses,
+        "row": torch.arange(rows),
+    }
+    keys = {"uid": np.array([f"p{k}" for k in prompts], dtype=object)} if uids else None
+    return DataProto.from_dict(tensors, keys)
+
+
+def test_whole_group_micro_batches_never_cut_a_group():
+    # Groups of 3, 2, 4 and 1 rows; micro-batches of up to 4 rows: 3 | 2 | 4 | 1, never 3 + 1 of the next.
+    data = prompt_rows([0, 0, 0, 1, 1, 2, 2, 2, 2, 3], [1] * 10)
+    assert prompt_run_starts(data) == [0, 3, 5, 9]
+    pieces = micro_batches(data, 4, dynamic=False, max_tokens=0, keep_groups=True)
+    assert [p.batch["row"].tolist() for p in pieces] == [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]]
+    # A group larger than the micro-batch size runs alone rather than being cut.
+    pieces = micro_batches(data, 2, dynamic=False, max_tokens=0, keep_groups=True)
+    assert [len(p) for p in pieces] == [3, 2, 4, 1]
+    # By token budget (each row: 2 prompt tokens + its response): groups of 8, 10 and 6 tokens,
+    # budget 21: whole groups 8 + 10 | 6, where plain packing fills 21 by cutting the last group.
+    data = prompt_rows([0, 0, 1, 1, 2, 2], [1, 3, 2, 4, 1, 1])
+    pieces = micro_batches(data, 4, dynamic=True, max_tokens=21, keep_groups=True)
+    assert [p.batch["row"].tolist() for p in pieces] == [[0, 1, 2, 3], [4, 5]]
+    plain = micro_batches(data, 4, dynamic=True, max_tokens=21)
+    assert [p.batch["row"].tolist() for p in plain] == [[0, 1, 2, 3, 4], [5]]
+
+
+def test_split_to_count_cuts_between_groups_first():
+    counts = [1, 1, 1, 1, 1, 1]
+    # Units [0, 1] [2] [3, 4, 5]: the one micro-batch must become two (another rank needs two);
+    # the cut goes before the first unit start past the token midpoint, never inside a unit.
+    assert split_to_count([[0, 1, 2, 3, 4, 5]], counts, 2, unit_starts={0, 2, 3}) == [[0, 1, 2], [3, 4, 5]]
+    assert split_to_count([[0, 1, 2, 3, 4, 5]], counts, 2, unit_starts={0, 5}) == [[0, 1, 2, 3, 4], [5]]
+    # Only one unit: cut inside it (the ranks must agree on the count), at the midpoint.
+    assert split_to_count([[0, 1, 2, 3]], counts, 2, unit_starts={0}) == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 4, 8])
+def test_16_prompts_x_8_samples_encode_each_prompt_once_on_any_number_of_ranks(dp_size):
+    # The dispatch of a log-prob pass over `dp_size` ranks, then each rank's micro-batches of 16
+    # responses, as the workers form them: with the group key, one prompt encoding per group (16);
+    # balancing rows one by one cut the groups into many more.
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 64, (128,), generator=generator).tolist()
+    data = prompt_rows([g for g in range(16) for _ in range(8)], lengths)
+
+    def encodings(group_key: str | None) -> int:
+        shards, _ = split_by_dp(data, dp_size, group_key)
+        return sum(
+            count_prompt_forwards(micro, shared_prompt=True)
+            for shard in shards
+            for micro in micro_batches(shard, 16, dynamic=False, max_tokens=0, keep_groups=group_key is not None)
+        )
+
+    assert encodings("uid") == 16
+    if dp_size > 1:
+        assert encodings(None) > 16 + 8 * (dp_size - 1)
 
 
 # --- the tiny worker -----------------------------------------------------------------------------
@@ -184,6 +255,45 @@ def test_shared_prompt_step_equals_the_plain_step(tiny_world, batch, plain):
     torch.testing.assert_close(shared["log_probs"][mask], plain["log_probs"][mask], rtol=RTOL, atol=1e-6)
     torch.testing.assert_close(shared["entropy"][mask], plain["entropy"][mask], rtol=RTOL, atol=1e-6)
     assert_same_step(shared, plain)
+
+
+def cuts_a_group(pieces: list[DataProto]) -> bool:
+    """Whether some micro-batch boundary falls between two rows of one prompt group."""
+    prompts = [micro.batch["input_ids"][:, : -micro.batch["responses"].shape[1]] for micro in pieces]
+    return any(torch.equal(a[-1], b[0]) for a, b in zip(prompts, prompts[1:]))
+
+
+@pytest.mark.parametrize(
+    ("policy_loss", "loss_agg_mode"),
+    [
+        ("ppo", "seq-mean-token-sum"),
+        ("ppo", "seq-mean-token-mean"),
+        ("ppo", "seq-mean-token-sum-norm"),
+        ("gspo", "seq-mean-token-mean"),
+    ],
+)
+def test_sequence_level_losses_under_token_budgets_and_packing_equal_the_plain_step(
+    tiny_world, batch, policy_loss, loss_agg_mode
+):
+    # The seq-mean modes divide by the mini-batch's sequence count and gspo takes a ratio per
+    # sequence: packed rows in micro-batches formed by a token budget (here cutting prompt groups
+    # apart), and whole-group micro-batches of shared prompts by the same budget, give the plain step.
+    losses = {"policy_loss": policy_loss, "loss_agg_mode": loss_agg_mode, "entropy_coeff": 0.0}
+    if policy_loss == "gspo":  # sequence-level ratios: the small clip ranges gspo is used with
+        losses.update(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+    counts = batch.batch["attention_mask"].sum(-1)
+
+    def pieces(budget: int, keep_groups: bool = False) -> list[DataProto]:
+        return micro_batches(batch, 4, dynamic=True, max_tokens=budget, keep_groups=keep_groups)
+
+    # The smallest budget above two rows' worth whose plain micro-batches cut a group apart.
+    budget = next(b for b in range(int(counts.max()) * 2, int(counts.sum())) if cuts_a_group(pieces(b)))
+    assert len(pieces(budget)) > 2 and not cuts_a_group(pieces(budget, keep_groups=True))
+    plain = run_step(tiny_world, batch, logprob_chunk_size=0, **losses)
+    dynamic = {"dynamic_batching": True, "max_token_len_per_gpu": budget, "logprob_chunk_size": 7}
+    for layout in ({"padding_free": True}, {"shared_prompt": True}):
+        ours = run_step(tiny_world, batch, **dynamic, **layout, **losses)
+        assert_same_step(ours, plain, keys=("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/pg_clipfrac_higher"))
 
 
 def test_shared_prompt_is_on_by_default_unless_padding_free_and_refused_together_with_it():

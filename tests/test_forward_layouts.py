@@ -23,7 +23,7 @@ from verl.models.packing import pack_rows
 from verl.models.shared_prompt import prompt_groups
 from verl.protocol import DataProto
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
-from verl.workers.actor.dp_actor import forward_response_log_probs
+from verl.workers.actor.dp_actor import count_prompt_forwards, forward_response_log_probs
 from verl.workers.rollout.base import rollout_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +148,31 @@ def test_shared_prompt_log_probs_entropy_and_gradients_equal_the_plain_path(tiny
     plain = log_probs_entropy_and_gradients(model, data, chunk_size)
     shared = log_probs_entropy_and_gradients(model, data, chunk_size, shared_prompt=True)
     assert_same(shared, plain, mask)
+
+
+def test_shared_prompt_forwards_of_groups_cut_across_micro_batches_equal_the_plain_path(tiny_world):
+    # Groups of 3 rows in micro-batches of 4 (rows 0-3 | 4-7 | 8-11 | 12-14): every boundary cuts a
+    # group, whose prompt is then encoded once in each micro-batch holding some of its rows. The
+    # gradients accumulated over the micro-batches equal one plain forward of the whole batch.
+    model = load(tiny_world, "qwen2_5_vl")
+    data = mixed_batch(tiny_world, "qwen2_5_vl", model, samples=3)
+    mask = data.batch["response_mask"].bool()
+    plain = log_probs_entropy_and_gradients(model, data, chunk_size=5)
+    weights = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask) * mask  # as in the helper
+    model.zero_grad(set_to_none=True)
+    pieces, log_probs, entropies = data.split(4), [], []
+    for start, micro in zip(range(0, len(data), 4), pieces):
+        lp, entropy, _ = forward_response_log_probs(
+            model, micro, temperature=0.9, chunk_size=5, with_entropy=True, shared_prompt=True
+        )
+        w = weights[start : start + len(micro)]
+        ((lp * w).sum() + (entropy * w).sum() * 0.1).backward()
+        log_probs.append(lp.detach())
+        entropies.append(entropy.detach())
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert_same((torch.cat(log_probs), torch.cat(entropies), grads), plain, mask)
+    # 5 groups, 7 prompt encodings: groups 1 (rows 3-5) and 2 (rows 6-8) straddle a boundary.
+    assert sum(count_prompt_forwards(micro, shared_prompt=True) for micro in pieces) == 7
 
 
 def test_prompt_groups_split_same_tokens_with_different_images(tiny_world):

@@ -4,11 +4,13 @@ The plain path is what the actor computed before: full logits for the response p
 to fp32, divided by the temperature, log_softmax + gather, and entropy from the full distribution.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from verl.models.loading import load_model, load_tokenizer_and_processor
 from verl.models.logprobs import capture_lm_head_input, chunked_log_probs, response_log_probs
@@ -122,8 +124,12 @@ def test_values_match_the_full_logits_path(batches, chunk_size, temperature):
     assert entropy.std() > 0 and log_probs.std() > 0.1
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
-def test_gradients_match_the_full_logits_path(batches, name):
+# entropy_coeff 0: the chunked path still computes the entropy (the actor reports it) but leaves it
+# out of the loss, as the actor does; its backward then receives no entropy gradient at all.
+@pytest.mark.parametrize(
+    "name, entropy_coeff", [("qwen2_5_vl", 0.01), ("qwen2_vl", 0.01), ("qwen2_text", 0.01), ("qwen2_5_vl", 0.0)]
+)
+def test_gradients_match_the_full_logits_path(batches, name, entropy_coeff):
     batch = batches(name)
     model = batch.model
     head = model.get_output_embeddings()
@@ -134,7 +140,9 @@ def test_gradients_match_the_full_logits_path(batches, name):
     def gradients(compute) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         log_probs, entropy = compute()
-        loss = (advantages * log_probs * mask).sum() - 0.01 * (entropy * mask).sum()
+        loss = (advantages * log_probs * mask).sum()
+        if entropy_coeff != 0:
+            loss = loss - entropy_coeff * (entropy * mask).sum()
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -239,6 +247,32 @@ def test_gradcheck(with_entropy, use_entropy, temperature):
         return (log_probs, entropy) if use_entropy else log_probs
 
     assert torch.autograd.gradcheck(function, (hidden, weight))
+
+
+def backward_ops(with_entropy: bool, entropy_coeff: float) -> Counter:
+    """The aten ops (name -> count) that one backward of the chunked path runs, as the profiler records them."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 8, generator=generator, requires_grad=True)
+    tokens = torch.randint(0, 50, (10,), generator=generator)
+    log_probs, entropy = chunked_log_probs(hidden, weight, tokens, 0.7, 4, with_entropy)
+    loss = (torch.linspace(-1.0, 1.0, 10) * log_probs).sum()
+    if entropy_coeff != 0:
+        loss = loss - entropy_coeff * entropy.sum()
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        loss.backward()
+    return Counter(event.name for event in recorded.events() if event.name.startswith("aten::"))
+
+
+def test_entropy_left_out_of_the_loss_costs_its_backward_nothing():
+    # The actor always asks for the entropy (it is reported); with entropy_coeff 0 it is not in the
+    # loss, and the backward must then run exactly the ops of a log-prob-only backward: no zeros
+    # made for the entropy's gradient, no per-chunk exp/add/mul over the vocabulary for it.
+    log_prob_only = backward_ops(with_entropy=False, entropy_coeff=0.0)
+    assert backward_ops(with_entropy=True, entropy_coeff=0.0) == log_prob_only
+    # The comparison can tell: with entropy in the loss the backward does more.
+    with_entropy_grad = backward_ops(with_entropy=True, entropy_coeff=0.01)
+    assert with_entropy_grad["aten::exp"] > 0 and log_prob_only["aten::exp"] == 0
 
 
 def test_shapes_are_checked():

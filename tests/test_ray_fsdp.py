@@ -6,6 +6,7 @@ Tolerances: fp32 on CPU, so two workers differ from one only in summation order:
 1e-5, first-step loss and gradient norm within a relative 1e-4.
 """
 
+import logging
 import os
 import re
 import signal
@@ -16,14 +17,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import ray
 import torch
+from safetensors.torch import load_file
 
 from verl.protocol import DataProto, SamplingParams
 from verl.single_controller.dispatch import Dispatch, merge_from_dp, register, registered_methods, split_by_dp
 from verl.single_controller.local import LocalWorkerGroup
 from verl.single_controller.ray import RayWorkerGroup, ResourcePool, WorkerError, start_worker_group
+from verl.trainer.metrics import prompt_forward_metrics
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
 from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
@@ -68,6 +72,24 @@ def test_dp_split_keeps_each_mini_batch_whole_and_never_pads_it():
     data.meta_info["mini_batch_size"] = 3
     with pytest.raises(ValueError, match="cannot be shared evenly"):
         split_by_dp(data, 2)
+
+
+def test_dp_split_with_a_group_key_keeps_each_group_on_one_rank(caplog):
+    # Four groups of two rows (equal uids adjacent, as a rollout lays them out), unequal lengths.
+    data = batch_with_lengths([9, 9, 1, 1, 5, 5, 5, 5])
+    data.non_tensor_batch["uid"] = np.array(["a", "a", "b", "b", "c", "c", "d", "d"], dtype=object)
+    shards, split = split_by_dp(data, 2, group_key="uid")
+    for shard in shards:
+        uids = shard.non_tensor_batch["uid"].tolist()
+        assert uids == sorted(uids) and all(uids.count(u) == 2 for u in uids)  # whole groups, adjacent
+    assert sorted(int(s.batch["attention_mask"].sum()) for s in shards) == [20, 20]
+    assert merge_from_dp(shards, split).batch["row"].tolist() == list(range(8))
+    # Groups of two cannot fill 8 ranks with one row each: they are cut, and the log says why, once.
+    with caplog.at_level(logging.WARNING, logger="verl.single_controller.dispatch"):
+        split_by_dp(data, 8, group_key="uid")
+        split_by_dp(data, 8, group_key="uid")
+    assert len(caplog.records) == 1
+    assert "4 of 4 groups" in caplog.text and "worker.actor.global_batch_size" in caplog.text
 
 
 def test_register_marks_the_methods_a_group_may_call():
@@ -222,6 +244,13 @@ def test_two_workers_match_one_on_the_first_step(scenario):
     assert_step_matches(scenario.step1_ray, scenario.step1_local)
 
 
+def test_two_workers_weights_after_the_first_step_match_one_workers(scenario, tiny_world):
+    # Not only the loss and the gradient norm: every weight the two workers saved after step 1
+    # (gathered from their shards) equals the one worker's, Adam's first step included.
+    saves = scenario.saves
+    assert_same_parameters(saves / "two_workers", saves / "one_worker", tiny_world / "models" / "qwen2_5_vl")
+
+
 def test_ray_group_exposes_only_registered_methods(scenario):
     # As the in-process group (tests/test_layers.py): a call that works locally cannot fail only on Ray.
     assert callable(scenario.group.compute_log_probs)
@@ -244,32 +273,78 @@ def test_one_worker_checkpoint_resumes_on_two_workers(scenario):
     assert_step_matches(scenario.step2_group_from_local, scenario.step2_local)
 
 
-def test_two_workers_with_shared_prompt_forwards_match_one_plain_worker(tiny_world, ray_cluster):
-    # Shared-prompt forwards under FSDP2: every micro-batch runs two forwards (the distinct prompts
-    # with a cache, then the responses) before one backward, on ranks with and without images.
-    # Groups of two samples per prompt; log-probs and the first step equal a plain local worker's.
+def assert_same_parameters(ours: Path, reference: Path, initial: Path) -> None:
+    """The weights two checkpoints saved after the same update agree: each tensor's change from
+    `initial` within 1e-3 of the reference's change, relative to the change's norm (fp32 summation
+    order moves single entries; a wrong gradient moves whole tensors). Every trained tensor moved."""
+    start, a, b = (load_file(folder / "model.safetensors") for folder in (initial, ours, reference))
+    # The sharded save also writes the tied LM head (`lm_head.weight`, equal to the embedding).
+    assert b.keys() == start.keys() and a.keys() >= b.keys()
+    moved = 0
+    for name, before in start.items():
+        ours_delta, reference_delta = a[name] - before, b[name] - before
+        scale = float(reference_delta.norm())
+        moved += scale > 0
+        error = float((ours_delta - reference_delta).norm())
+        assert error <= 1e-3 * scale + 1e-9, f"{name}: change differs by {error:.2e} (change {scale:.2e})"
+    assert moved > len(start) // 2
+
+
+@pytest.fixture(scope="module")
+def plain_grouped_step(tiny_world, tmp_path_factory) -> SimpleNamespace:
+    """One plain local worker (no shared prompts) on 8 prompts x 2 samples with GRPO `uid`s: its old and
+    reference log-probs, one update and the checkpoint it saves after it."""
+    out = SimpleNamespace(saves=tmp_path_factory.mktemp("grouped"))
     local = local_group(tiny_world)
     prompts = mixed_prompts(tiny_world, local.worker)
     prompts.meta_info["sampling"] = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
     batch = local.generate_sequences(prompts)
+    batch.non_tensor_batch["uid"] = np.array([f"prompt{row // 2}" for row in range(len(batch))], dtype=object)
     batch.meta_info = {"temperature": 1.0}
+    out.batch = batch
+    out.old, out.ref = local.compute_log_probs(batch), local.compute_ref_log_probs(batch)
+    update = batch.union(out.old.select(["old_log_probs"])).union(out.ref)
+    rewards = torch.linspace(-0.5, 1.0, len(update))  # a loss well away from zero
+    update.batch["advantages"] = rewards[:, None] * update.batch["response_mask"]
+    update.meta_info["mini_batch_size"] = len(update)
+    out.update = update
+    out.metrics = local.update_actor(update).meta_info["metrics"]
+    local.save_checkpoint(str(out.saves / "plain"))
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_shared_prompt_workers_encode_each_prompt_once_and_match_one_plain_worker(
+    tiny_world, ray_cluster, plain_grouped_step, workers
+):
+    # Shared-prompt forwards under FSDP2: the dispatch keeps each group (equal uids) on one rank and
+    # each rank's micro-batches of 2 rows hold one group each, so the 8 prompts are encoded 8 times
+    # per log-prob pass (perf/prompt_forwards_per_group 1.0), where row balancing cut groups apart.
+    # Every micro-batch runs two forwards (the distinct prompts with a cache, then the responses)
+    # before one backward, on ranks with and without images. Log-probs, the step's metrics and the
+    # weights after it equal the plain local worker's.
+    plain = plain_grouped_step
     config = worker_config(tiny_world)
     config.actor.shared_prompt = True
-    pool = ResourcePool(nnodes=1, workers_per_node=2, use_gpu=False, cpus_per_worker=1.0)
+    # Beside the scenario's two workers (two of the cluster's four CPUs) when it is up.
+    pool = ResourcePool(nnodes=1, workers_per_node=workers, use_gpu=False, cpus_per_worker=2 / workers)
     kwargs = {"config": config, "device": "cpu", "need_ref": True, "seed": 0}
     group = RayWorkerGroup(pool, ActorRolloutRefWorker, kwargs, torch_threads=1, call_timeout_s=300)
     try:
+        assert group.group_key == "uid"
         group.init_model()
-        old_local, old_shared = local.compute_log_probs(batch), group.compute_log_probs(batch)
-        torch.testing.assert_close(
-            old_shared.batch["old_log_probs"], old_local.batch["old_log_probs"], atol=LOG_PROB_ATOL, rtol=0
-        )
-        batch = batch.union(old_local.select(["old_log_probs"])).union(local.compute_ref_log_probs(batch))
-        rewards = torch.linspace(-0.5, 1.0, len(batch))  # a loss well away from zero
-        batch.batch["advantages"] = rewards[:, None] * batch.batch["response_mask"]
-        batch.meta_info["mini_batch_size"] = len(batch)
-        assert_step_matches(
-            group.update_actor(batch).meta_info["metrics"], local.update_actor(batch).meta_info["metrics"]
+        old, ref = group.compute_log_probs(plain.batch), group.compute_ref_log_probs(plain.batch)
+        for key, ours, reference in (("old_log_probs", old, plain.old), ("ref_log_probs", ref, plain.ref)):
+            torch.testing.assert_close(ours.batch[key], reference.batch[key], atol=LOG_PROB_ATOL, rtol=0)
+        metrics = group.update_actor(plain.update).meta_info["metrics"]
+        assert_step_matches(metrics, plain.metrics)
+        uids = plain.batch.non_tensor_batch["uid"]
+        assert prompt_forward_metrics(metrics, uids) == {"perf/prompt_forwards_per_group": 1.0}
+        # The plain worker encodes each response's prompt: n = 2 per group.
+        assert prompt_forward_metrics(plain.metrics, uids) == {"perf/prompt_forwards_per_group": 2.0}
+        group.save_checkpoint(str(plain.saves / f"shared_{workers}"))
+        assert_same_parameters(
+            plain.saves / f"shared_{workers}", plain.saves / "plain", tiny_world / "models" / "qwen2_5_vl"
         )
     finally:
         group.shutdown()

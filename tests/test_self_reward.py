@@ -1,6 +1,7 @@
 """The self-reward stage: description extraction, the leak fix, text-only prompts, alignment of
 second-pass answers with their responses, skipping when unused, both advantage modes, and the
-counterfactual (question-alone) baseline with the gain and consistency rewards built on it."""
+counterfactual (question-alone) baseline with the gain and consistency rewards built on it, and
+the dedupe of identical text-only prompts."""
 
 import json
 
@@ -11,9 +12,10 @@ import torch
 from verl.algorithms import core_algos
 from verl.protocol import SamplingParams
 from verl.reward import RewardFunction, RewardFunctionError
-from verl.trainer.config import SelfRewardConfig
-from verl.trainer.main import main
+from verl.trainer.config import PPOConfig, SelfRewardConfig
+from verl.trainer.main import build_trainer, main
 from verl.trainer.self_reward import SelfRewardStage, states_answer
+from verl.utils.config import load_config
 from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
@@ -381,11 +383,94 @@ def test_trainer_gives_prior_answers_to_the_reward_and_logs_the_baseline(tiny_wo
             "trainer.logger=[file]",
             f"trainer.save_checkpoint_path={tmp_path}",
             "trainer.val_before_train=false",
-            "trainer.max_steps=1",
+            "trainer.max_steps=2",
         ]
     )
     with open(tmp_path / "metrics.jsonl") as f:
-        metrics = json.loads(f.readline())
+        steps = [json.loads(line) for line in f]
+    metrics = steps[-1]  # validation runs after the last step only
     assert metrics["self_reward/prior_passes"] == 4  # one per prompt, not one per response
     assert {"reward/prior_accuracy", "reward/visual_gain", "reward/consistency"} <= set(metrics)
     assert "val/self_reward/prior_passes" in metrics and "val/reward/visual_gain" in metrics
+    # Each step's rollout, description pass and question-alone pass share one weight sync (the hf
+    # engine's sync copies nothing, but the worker decides when to sync as it does for vLLM).
+    assert [step["perf/weight_syncs"] for step in steps] == [1, 1]
+    assert not any(key.startswith("perf/max_memory") for key in metrics)  # GPU only
+
+
+# ---------------------------------------------------------------- dedupe of identical text-only prompts
+def _scripted_responses(ground_truths):
+    """See-think responses whose descriptions repeat within and across groups (as a trained policy's
+    do), with one response that has no description."""
+    digits = ["3 and 5", "3 and 5", "7 and 2", "3 and 5"]
+    return [
+        f"<description>The image shows the digits {digits[row % 4]}.</description> <think>..</think> \\boxed{{{truth}}}"
+        if row != 5
+        else f"<think>no description</think> \\boxed{{{truth}}}"
+        for row, truth in enumerate(ground_truths)
+    ]
+
+
+def test_dedupe_gives_the_answers_and_rewards_of_one_prompt_per_response(tiny_world, tmp_path):
+    train = tiny_world / "data/digit_sum/train.parquet"
+    config = load_config(
+        [
+            f"data.train_files={train}",
+            "data.val_files=null",
+            f"worker.actor.model.model_path={tiny_world / 'models/qwen2_5_vl'}",
+            "data.format_prompt=examples/format_prompt/see_think.jinja",
+            "data.rollout_batch_size=4",
+            "worker.actor.global_batch_size=4",
+            "worker.rollout.n=4",
+            "data.max_response_length=8",
+            "worker.reward.reward_function=examples/reward_function/see_think_self_reward.py:compute_score",
+            "worker.reward.reward_function_kwargs={visual_reward: gain}",
+            "self_reward.counterfactual_baseline=true",
+            "self_reward.temperature=0",  # greedy: a shared answer is exactly the one it would get alone
+            "self_reward.n=2",
+            "self_reward.max_response_length=8",
+            f"trainer.save_checkpoint_path={tmp_path}",
+        ],
+        PPOConfig,
+    )
+    trainer = build_trainer(config)
+    prompts = next(iter(trainer.train_loader))
+    prompts.non_tensor_batch["uid"] = np.array([f"u{i}" for i in range(len(prompts))], dtype=object)
+    sampling = trainer._sampling()
+    rollout = trainer._generate(prompts, sampling)  # the real rows: uids, questions, ground truths
+    texts = _scripted_responses(list(rollout.non_tensor_batch["ground_truth"]))
+    rollout.non_tensor_batch["response_text"] = np.array(texts, dtype=object)
+
+    results = {}
+    for dedupe in (False, True):
+        batch = rollout[np.arange(len(rollout))]  # a copy: each pass fills its own columns
+        calls = []
+        trainer.self_reward.config.dedupe = dedupe
+        generate = trainer.wg.generate_sequences
+
+        def recording(prompts, calls=calls, generate=generate):
+            """The worker group's own generate, recording what each call asks."""
+            calls.append(prompts)
+            return generate(prompts)
+
+        trainer.wg.generate_sequences = recording
+        try:
+            metrics = trainer._run_self_reward(batch, sampling)
+        finally:
+            trainer.wg.generate_sequences = generate
+        scores, bad = trainer._score_training(batch)
+        assert not bad and len(calls) == 1  # descriptions and question-alone prompts in one call
+        results[dedupe] = (batch.non_tensor_batch, scores, metrics, len(calls[0]))
+
+    (plain, plain_scores, plain_metrics, plain_rows), (deduped, scores, metrics, rows) = results[False], results[True]
+    for key in ("description", "description_answers", "prior_answers"):
+        assert list(deduped[key]) == list(plain[key]), key
+    assert scores == plain_scores
+    assert deduped["description_answers"][5] is None and all(len(a) == 2 for a in deduped["prior_answers"])
+    # 15 descriptions and 4 question-alone prompts asked; generated: one per prompt before, and after
+    # dedupe 2 descriptions per question (3 prompts' "3 and 5" and "7 and 2") plus one question alone
+    # (every digit-sum prompt asks the same question).
+    assert plain_rows == plain_metrics["self_reward/generated_prompts"] == 15 + 4
+    assert len(set(rollout.non_tensor_batch["question"])) == 1
+    assert rows == metrics["self_reward/generated_prompts"] == 2 + 1
+    assert metrics["self_reward/second_pass_prompts"] == 15 and metrics["self_reward/prior_passes"] == 4

@@ -52,6 +52,8 @@ def test_train_validate_save_and_limit(tiny_world, tmp_path):
     assert sorted(metrics) == [1, 2, 3]
     for key in ("reward/overall", "actor/grad_norm", "actor/lr", "actor/entropy", "timing_s/gen", "perf/tokens_per_s"):
         assert key in metrics[1], key
+    # Shared-prompt forwards (the default) with whole groups per micro-batch: each prompt once.
+    assert metrics[1]["perf/prompt_forwards_per_group"] == 1.0
     assert "val/reward/overall" in metrics[3] and "val/reward/overall" in last
     # save_limit=2 keeps the newest two; each is a loadable HF folder with the trainer state
     kept = sorted(p.name for p in tmp_path.glob("global_step_*"))

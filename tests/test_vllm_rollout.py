@@ -243,6 +243,38 @@ def test_a_weight_that_lands_nowhere_is_an_error(worker, prompts):
 
 @pytest.mark.vllm_cpu
 @needs_vllm
+def test_one_weight_sync_per_update_with_the_actor_offloaded_while_generating(worker, prompts, long_prompts):
+    """A step's rollout, description pass and question-alone pass (three generations) share one
+    weight sync; the actor's parameters and optimizer states wait on the CPU while vLLM generates
+    (the GPU path's `offload_during_generation`, here between two CPU storages) and come back
+    unchanged for the log-prob pass and the update."""
+    worker.offload_actor_for_generation = True  # on by config on a GPU only; the moves run the same here
+    try:
+        batch = generate(worker, prompts, n=2, temperature=1.0, seed=2)
+        batch.meta_info.update(temperature=1.0, mini_batch_size=len(batch))
+        batch.batch["advantages"] = torch.tensor([1.0, -1.0] * 16)[:, None] * batch.batch["response_mask"]
+        worker.update_actor(batch)  # reports (and resets) the syncs of the tests before this one
+        for _ in range(2):
+            rollout = generate(worker, prompts, n=2, temperature=1.0, seed=3)
+            assert not worker.actor_offload.params_on_device and not worker.actor_offload.optimizer_on_device
+            generate(worker, long_prompts, n=2, temperature=1.0, seed=4)  # the second passes, same engine
+            generate(worker, prompts, temperature=0.0)
+            rollout.meta_info.update(temperature=1.0, mini_batch_size=len(rollout))
+            rollout.batch["advantages"] = batch.batch["advantages"]
+            rollout = rollout.union(worker.compute_log_probs(rollout))
+            assert worker.actor_offload.params_on_device  # back for the log-prob pass
+            metrics = worker.update_actor(rollout).meta_info["metrics"]
+            assert metrics["perf/weight_syncs"] == 1
+            assert not any(key.startswith("perf/max_memory") for key in metrics)  # GPU only
+        # The engine follows the actor's weights through the moves.
+        assert_same_rollout(generate(worker, prompts, temperature=0.0), hf_generate(worker, prompts, temperature=0.0))
+    finally:
+        worker.offload_actor_for_generation = False
+        worker.actor_offload.place(params=True, optimizer=True)
+
+
+@pytest.mark.vllm_cpu
+@needs_vllm
 def test_a_lora_actor_is_followed_through_its_merged_weights(tiny_world, prompts):
     """The engine receives W + scale * B @ A under the base names after each adapter update, so it
     samples what the hf engine samples on the live adapted module.

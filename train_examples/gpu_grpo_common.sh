@@ -39,6 +39,8 @@ MICRO_BATCH_EXPERIENCE=${MICRO_BATCH_EXPERIENCE:-$micro_experience}
 # MAX_MODEL_LEN null (prompt + response = 14848), not the original's 8192: vLLM refuses 8192..12800-token prompts.
 # MAX_NUM_BATCHED_TOKENS 15000 as the original: without chunked prefill vLLM needs it >= max_model_len.
 # worker.ref.offload.offload_params: the original's FSDP CPU offload of the reference model.
+# worker.actor.offload.offload_during_generation (not in the original): the actor waits on the CPU while vLLM
+#   generates, as in EasyR1 and verl, so the KV cache gets its memory (OFFLOAD_DURING_GENERATION=false keeps it).
 # PADDING_FREE: packed rows with token-budget micro-batches when flash-attn is installed (its variable-length
 #   kernel); with sdpa they would share one quadratic mask, so it is off there (not in the original).
 # LOGGERS [console,file], not the original's [console]: file keeps metrics.jsonl; add wandb after `wandb login`.
@@ -74,6 +76,7 @@ fi
   worker.actor.fsdp.enable_full_shard=true \
   worker.actor.offload.offload_params=true \
   worker.actor.offload.offload_optimizer=true \
+  worker.actor.offload.offload_during_generation="${OFFLOAD_DURING_GENERATION:-true}" \
   worker.ref.micro_batch_size_per_device_for_experience="$MICRO_BATCH_EXPERIENCE" \
   worker.ref.fsdp.enable_full_shard=true \
   worker.ref.offload.offload_params=true \

@@ -45,6 +45,10 @@ class ChunkedLogProbs(torch.autograd.Function):
     Forward and backward walk the N tokens in chunks of `chunk_size`; the (chunk, V) logits of one
     chunk exist at a time and are never saved. Saved for backward: hidden, weight, tokens and the
     per-token log-sum-exp and entropy (2 x N floats).
+
+    An output that does not reach the loss gets no gradient at all (None, not zeros), so with
+    entropy reported but left out of the loss (entropy_coeff 0) the backward does exactly the work
+    of a log-prob-only backward.
     """
 
     @staticmethod
@@ -74,6 +78,9 @@ class ChunkedLogProbs(torch.autograd.Function):
                 entropy[start:end] = -logits.exp().mul_(logits).sum(-1)
             # Free this chunk's logits before the next chunk's are made.
             del logits
+        # Autograd would otherwise hand a zeros tensor for an unused output and the backward would
+        # spend (chunk, V) work per chunk on the entropy's gradient of a loss without entropy.
+        ctx.set_materialize_grads(False)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(hidden, weight, tokens, lse, entropy if with_entropy else lse.new_empty(0))

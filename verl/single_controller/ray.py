@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from verl.protocol import DataProto
 from verl.single_controller.dispatch import (
+    GROUP_KEY_ATTR,
     TP_SIZE_ATTR,
     Dispatch,
     check_tp_size,
@@ -136,7 +137,10 @@ class WorkerHost:
         """This node's address and a free port, for the process group's rendezvous (asked of rank 0)."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def start(self, rank: int, world_size: int, master: tuple[str, int], worker_cls: type, kwargs: dict) -> None:
+    def start(
+        self, rank: int, world_size: int, master: tuple[str, int], worker_cls: type, kwargs: dict
+    ) -> tuple[int, str | None]:
+        """Build the worker; returns what the dispatch needs of it: its tensor-parallel size and group key."""
         # torchrun-style variables: the worker joins the process group from them. Ray gives each
         # actor only its own GPU, so the local device index is always 0.
         os.environ.update(
@@ -147,7 +151,7 @@ class WorkerHost:
             MASTER_PORT=str(master[1]),
         )
         self.worker = worker_cls(**kwargs)
-        return int(getattr(self.worker, TP_SIZE_ATTR, 1))
+        return int(getattr(self.worker, TP_SIZE_ATTR, 1)), getattr(self.worker, GROUP_KEY_ATTR, None)
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         return getattr(self.worker, method)(*args, **kwargs)
@@ -196,10 +200,12 @@ class RayWorkerGroup:
             host.start.remote(rank, self.world_size, master, worker_cls, worker_kwargs)
             for rank, host in enumerate(self.hosts)
         ]
-        tp_sizes = self._gather(starts, f"{self.worker_name}.__init__", setup_timeout_s)
-        if len(set(tp_sizes)) != 1:
-            raise ValueError(f"{self.worker_name}: the workers state different tensor-parallel sizes {tp_sizes}")
-        self.tp_size = tp_sizes[0]
+        started = self._gather(starts, f"{self.worker_name}.__init__", setup_timeout_s)
+        if len(set(started)) != 1:
+            raise ValueError(
+                f"{self.worker_name}: the workers state different (tensor-parallel size, group key) {started}"
+            )
+        self.tp_size, self.group_key = started[0]
         check_tp_size(self.world_size, self.tp_size)
         for rank, who in enumerate(self.identities):
             logger.info("worker rank %d: pid %d on node %s", rank, who["pid"], who["node"])
@@ -227,10 +233,10 @@ class RayWorkerGroup:
         if not isinstance(data, DataProto):
             raise TypeError(f"`{method}` dispatches by data-parallel rank: call it with one DataProto argument")
         if mode is Dispatch.TP_GROUP_COMPUTE:
-            shards, split = split_by_tp_groups(data, self.world_size, self.tp_size)
+            shards, split = split_by_tp_groups(data, self.world_size, self.tp_size, self.group_key)
             refs = [host.call.remote(method, (shard,), {}) for host, shard in zip(self.hosts, shards)]
             return merge_from_tp_groups(self._gather(refs, method, self.call_timeout_s), split, self.tp_size)
-        shards, split = split_by_dp(data, self.world_size)
+        shards, split = split_by_dp(data, self.world_size, self.group_key)
         refs = [host.call.remote(method, (shard,), {}) for host, shard in zip(self.hosts, shards)]
         return merge_from_dp(self._gather(refs, method, self.call_timeout_s), split)
 

@@ -122,6 +122,8 @@ class SelfRewardConfig:
     """Also run on validation batches (measures perception accuracy on held-out data)."""
     counterfactual_baseline: bool = False
     """Also ask each prompt's question once with no description (`n` answers, same generate call) and give the reward function these `prior_answers`: the baseline of a visual reward that descriptions steering toward the answer prior cannot win (see_think_self_reward.py: visual_reward=gain)."""
+    dedupe: bool = True
+    """Generate each distinct text-only prompt (description and question, or question alone) once and give its `n` answers to every response that asks it. Greedy, the answers are exactly those of separate prompts; sampled, each response still gets `n` draws from the same distribution (same expected reward), but equal descriptions get equal answers instead of independent draws. false: one prompt per response."""
 
     def check(self, prefix: str = "self_reward") -> None:
         require_choice(self.enable, SELF_REWARD_MODES, f"{prefix}.enable")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from verl.protocol import DataProto
@@ -46,3 +48,13 @@ def compute_throughput_metrics(batch: DataProto, timings: dict[str, float]) -> d
     if timings.get("gen"):
         metrics["perf/gen_tokens_per_s"] = response_tokens / timings["gen"]
     return metrics
+
+
+def prompt_forward_metrics(worker_metrics: dict[str, float], uids: Sequence[str]) -> dict[str, float]:
+    """`perf/prompt_forwards_per_group`: the workers' prompt encodings per log-prob pass (`perf/prompt_forwards`,
+    all ranks, averaged over the step's old and reference passes) per GRPO group of the batch (its
+    distinct `uids`). 1.0: every group's prompt encoded once (shared-prompt forwards with whole
+    groups); n (the group size): once per response, as the plain path does. Empty when no pass ran."""
+    if "perf/prompt_forwards" not in worker_metrics or len(uids) == 0:
+        return {}
+    return {"perf/prompt_forwards_per_group": worker_metrics["perf/prompt_forwards"] / len(set(uids))}

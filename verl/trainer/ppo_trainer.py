@@ -24,7 +24,7 @@ from verl.reward import RewardFunction, RewardFunctionError, RewardInput, aggreg
 from verl.trainer.accounting import group_rows, groups_left_out
 from verl.trainer.config import PPOConfig
 from verl.trainer.interrupt import checkpoint_guard
-from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics
+from verl.trainer.metrics import compute_data_metrics, compute_throughput_metrics, prompt_forward_metrics
 from verl.trainer.self_reward import SelfRewardStage
 from verl.utils.checkpoint import find_resume_checkpoint, save_and_prune, write_trainer_state
 from verl.utils.config import to_dict
@@ -115,6 +115,7 @@ class PPOTrainer:
 
                 with timer("update_actor", timings):
                     metrics.update(self.wg.update_actor(batch).meta_info["metrics"])
+                metrics.update(prompt_forward_metrics(metrics, batch.non_tensor_batch["uid"]))
 
                 is_last = self.global_step >= self.total_steps
                 if self.val_loader is not None and (

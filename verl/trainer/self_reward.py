@@ -13,6 +13,15 @@ description at all, the question alone in the same template, `n` answers like a 
 Those `prior_answers` measure what the question's answer prior gives for free: a visual reward
 measured against them cannot be won by descriptions that merely steer toward the most likely
 answer. They go through the same generate call as the description prompts.
+
+With `dedupe` (the default), each distinct text-only prompt, a (description, question) pair or a
+question alone, is generated once and its `n` answers go to every response that asked it. The
+second pass sees text only, so two responses with the same description and question (common: a
+GRPO group often repeats a description, and every prompt of a dataset may share one question) ask
+the policy the same thing. Greedy, the answers are the ones each would have got alone. Sampled,
+each response still gets `n` draws from the same distribution, so its expected reward is unchanged;
+what changes is that equal descriptions get equal credit instead of independent noise that GRPO
+would turn into spurious advantage differences between them.
 """
 
 from __future__ import annotations
@@ -141,37 +150,62 @@ class SelfRewardStage:
         prompt_rows = self.prompt_rows(uids, questions) if self.config.counterfactual_baseline else []
         answers: list[list[str] | None] = [None] * len(responses)
         sampling = self.sampling(rollout_sampling)
-        prompt_ids = [self.build_prompt_ids(descriptions[i], questions[i]) for i in eligible]
-        prompt_ids += [self.build_prompt_ids(None, questions[row]) for row in prompt_rows]
-        texts: list[str] = []
-        if prompt_ids:
-            prompts = left_padded_prompts(prompt_ids, self.tokenizer.pad_token_id)
-            prompts.meta_info["sampling"] = sampling
-            output = generate(prompts)
-            texts = self.tokenizer.batch_decode(
-                output.batch["responses"].masked_fill(output.batch["response_mask"] == 0, self.tokenizer.pad_token_id),
-                skip_special_tokens=True,
-            )
+        # Every text-only question to ask, descriptions first, then the question-alone ones: all go
+        # through one generate call (one batch, one engine wake on vLLM).
+        asks: list[tuple[str | None, str]] = [(descriptions[i], questions[i]) for i in eligible]
+        asks += [(None, questions[row]) for row in prompt_rows]
+        slots, distinct = self.dedupe_asks(asks)
+        texts = self.generate_answers(distinct, sampling, generate)
         n = sampling.n
+        # list() so that responses sharing a prompt never share (and mutate) one list.
+        asked = [list(texts[slot * n : (slot + 1) * n]) for slot in slots]
         for position, index in enumerate(eligible):
-            answers[index] = texts[position * n : (position + 1) * n]
+            answers[index] = asked[position]
         prior_answers = None
         if self.config.counterfactual_baseline:
             assert uids is not None
-            offset = len(eligible) * n
-            by_uid = {
-                uids[row]: texts[offset + position * n : offset + (position + 1) * n]
-                for position, row in enumerate(prompt_rows)
-            }
+            by_uid = {uids[row]: asked[len(eligible) + position] for position, row in enumerate(prompt_rows)}
             prior_answers = [list(by_uid[uid]) for uid in uids]
         metrics = {
             "self_reward/description_rate": float(np.mean([d is not None for d in descriptions])) if responses else 0.0,
             "self_reward/second_pass_prompts": float(len(eligible)),
             "self_reward/leak_denied": float(denied),
             "self_reward/prior_passes": float(len(prompt_rows)),
+            # Prompts actually generated (after dedupe), descriptions and question-alone together.
+            "self_reward/generated_prompts": float(len(distinct)),
         }
         return SelfRewardResult(
             descriptions=descriptions, answers=answers, metrics=metrics, prior_answers=prior_answers
+        )
+
+    def dedupe_asks(self, asks: list[tuple[str | None, str]]) -> tuple[list[int], list[tuple[str | None, str]]]:
+        """The prompts to generate and, per ask, the index of the one answering it.
+
+        The key is the (description, question) pair, which fixes the rendered prompt (the template
+        sees nothing else); without `dedupe` every ask is its own prompt.
+        """
+        if not self.config.dedupe:
+            return list(range(len(asks))), list(asks)
+        first: dict[tuple[str | None, str], int] = {}
+        slots = [first.setdefault(ask, len(first)) for ask in asks]
+        return slots, list(first)
+
+    def generate_answers(
+        self,
+        asks: list[tuple[str | None, str]],
+        sampling: SamplingParams,
+        generate: Callable[[DataProto], DataProto],
+    ) -> list[str]:
+        """`sampling.n` decoded answers per ask, an ask's answers adjacent, in the order of `asks`."""
+        if not asks:
+            return []
+        prompt_ids = [self.build_prompt_ids(description, question) for description, question in asks]
+        prompts = left_padded_prompts(prompt_ids, self.tokenizer.pad_token_id)
+        prompts.meta_info["sampling"] = sampling
+        output = generate(prompts)
+        return self.tokenizer.batch_decode(
+            output.batch["responses"].masked_fill(output.batch["response_mask"] == 0, self.tokenizer.pad_token_id),
+            skip_special_tokens=True,
         )
 
     @staticmethod

@@ -138,6 +138,8 @@ class OffloadConfig:
     """Keep parameters on CPU between stages."""
     offload_optimizer: bool = False
     """Keep optimizer states on CPU between stages."""
+    offload_during_generation: bool = False
+    """GPU only: while the rollout engine generates, these weights (the actor's with its gradients and optimizer states) wait on CPU, so the engine's KV cache gets their memory; back when a stage needs them. The actor's key is ignored with the hf engine (it generates with the actor's own module)."""
 
 
 @dataclass
@@ -185,7 +187,11 @@ class ActorConfig:
     responses against the prompt's key/value cache, in the old/ref log-prob passes and in the
     update (the update only without gradient checkpointing, which drops caches). Values and
     gradients equal the plain path's. Costs a key/value cache of rows x (prompt + response) tokens
-    for every layer. Not together with padding_free. null (default): on unless padding_free is."""
+    for every layer. Not together with padding_free. null (default): on unless padding_free is.
+    Groups are kept whole across workers and micro-batches: micro-batches hold as many whole groups
+    as fit (a group larger than the micro-batch size or token budget runs alone), and the workers
+    each get whole groups when global_batch_size is a multiple of the number of workers (else the
+    groups are cut into equal pieces, with a warning); perf/prompt_forwards_per_group shows it."""
     dynamic_batching: bool = False
     """Form micro-batches (old/ref log-probs and update) by a token budget per device,
     `max_token_len_per_gpu`, instead of a fixed row count; consecutive rows, so the results and the

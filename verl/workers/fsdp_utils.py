@@ -1,5 +1,6 @@
 """FSDP2 for the worker: joining the process group, sharding, mixed precision, loading large models
-from rank 0, unsharding for generation, CPU offload between stages and sharded checkpoints.
+from rank 0, unsharding for generation, CPU offload (between stages and around generation) and
+sharded checkpoints.
 
 Sharding layout: every decoder layer is its own FSDP unit; everything else (embeddings, the whole
 vision tower, final norm, head) is the root unit. Keeping the vision tower in the root unit means
@@ -214,6 +215,18 @@ def sum_across_ranks(value: float) -> float:
     return float(tensor.item())
 
 
+def max_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value's maximum over all ranks (every rank passes the same keys)."""
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[key] for key in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, tensor.tolist()))
+
+
 def all_reduce_metrics(metrics: dict[str, float], summed: Collection[str]) -> dict[str, float]:
     """Whole-batch metrics from every rank's share: keys in `summed` (losses already normalised by
     the global token count) add up over ranks; the others are averaged."""
@@ -245,12 +258,39 @@ def gathered_parameters(model: torch.nn.Module, full_shard: bool) -> Iterator[No
             unit.set_reshard_after_forward(full_shard and unit is not model, recurse=False)
 
 
-# --- CPU offload between stages ------------------------------------------------------------------
-class CPUOffload:
-    """Keeps a module's parameters and/or an optimizer's states on the CPU between stages.
+# --- CPU offload between stages and around generation ---------------------------------------------
+def move_module(module: torch.nn.Module, device: torch.device) -> None:
+    """A module's parameters, their gradients and its buffers to `device`, each as a fresh tensor.
 
-    `with offload.loaded():` brings them to the device for one stage and back afterwards; with
-    nothing to offload (or a CPU device) it does nothing.
+    `nn.Module._apply` is what `module.to()` runs: FSDP2 overrides it to re-register its sharded
+    parameters afterwards, and DTensor parameters are swapped in place (`torch.utils.swap_tensors`),
+    so the optimizer's state stays keyed by the same parameter objects. `copy=True` gives new
+    storage even where a tensor is on `device` already, so a CPU run (the tests) replaces storage
+    exactly as a move between devices does.
+    """
+    module._apply(lambda tensor: tensor.to(device, copy=True))
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """An optimizer's tensor states (moments) to `device`, each as a fresh tensor (see `move_module`)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            # Scalar step counters stay where the optimizer keeps them (AdamW: on the CPU).
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                state[key] = value.to(device, copy=True)
+
+
+class CPUOffload:
+    """Where a module's parameters (with their gradients) and an optimizer's states are: on the
+    device or on the CPU.
+
+    `params` / `optimizer_states` keep them on the CPU between stages; `with offload.loaded():`
+    brings the parameters (and with `with_optimizer` the optimizer's states) to the device for one
+    stage, and afterwards what the config keeps on the CPU goes back there. `offload_all()` moves
+    everything to the CPU (the generation phase of an engine with its own weights); each part
+    comes back only when a stage needs it. Moves happen only where a part is not already, so
+    nothing is copied twice. The worker turns offload off on a CPU device (nothing to free there);
+    the class itself works on any device.
     """
 
     def __init__(
@@ -262,31 +302,48 @@ class CPUOffload:
         optimizer_states: bool = False,
     ) -> None:
         self.device = device
-        self.module = module if params and device.type != "cpu" else None
-        self.optimizer = optimizer if optimizer_states and device.type != "cpu" else None
+        self.module = module
+        self.optimizer = optimizer
+        self.offload_params = params
+        self.offload_optimizer = optimizer_states
+        # Models are built on the device; the optimizer's states are created where the parameters are.
+        self.params_on_device = True
+        self.optimizer_on_device = True
 
     def offload(self) -> None:
-        self._move(torch.device("cpu"), with_optimizer=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """What the config keeps on the CPU between stages goes there (nothing comes back)."""
+        self.place(
+            params=self.params_on_device and not self.offload_params,
+            optimizer=self.optimizer_on_device and not self.offload_optimizer,
+        )
+
+    def offload_all(self) -> None:
+        """Parameters, gradients and optimizer states to the CPU, whatever the config keeps there."""
+        self.place(params=False, optimizer=False)
 
     @contextmanager
     def loaded(self, with_optimizer: bool = False) -> Iterator[None]:
-        self._move(self.device, with_optimizer)
+        self.place(params=True, optimizer=with_optimizer or self.optimizer_on_device)
         try:
             yield
         finally:
             self.offload()
 
-    def _move(self, device: torch.device, with_optimizer: bool) -> None:
-        if self.module is not None:
-            self.module.to(device)
-        if with_optimizer and self.optimizer is not None:
-            for state in self.optimizer.state.values():
-                for key, value in state.items():
-                    # Scalar step counters stay where the optimizer keeps them.
-                    if isinstance(value, torch.Tensor) and value.dim() > 0:
-                        state[key] = value.to(device, non_blocking=True)
+    def place(self, params: bool, optimizer: bool) -> None:
+        """Parameters (with gradients) and optimizer states on the device (True) or the CPU (False)."""
+        host = torch.device("cpu")
+        freed = False
+        if self.module is not None and params != self.params_on_device:
+            move_module(self.module, self.device if params else host)
+            freed |= not params
+        self.params_on_device = params
+        if self.optimizer is not None and optimizer != self.optimizer_on_device:
+            move_optimizer_state(self.optimizer, self.device if optimizer else host)
+            freed |= not optimizer
+        self.optimizer_on_device = optimizer
+        if freed and self.device.type == "cuda":
+            # Give the cached blocks back to the driver: vLLM allocates its KV cache outside torch's cache.
+            torch.cuda.empty_cache()
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import dataclasses
 import json
 import logging
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -59,6 +60,19 @@ class ActorRolloutRefWorker:
             raise ValueError(
                 f"worker.rollout.tensor_parallel_size={self.dispatch_tp_size} does not divide {self.world_size} workers"
             )
+        # One weight sync per change of the actor's weights: `weights_version` counts the changes
+        # (updates, checkpoint loads), `engine_version` is the one the engine last received; every
+        # generation of a step (rollout, self-reward and counterfactual passes, ReMax baselines,
+        # validation) reuses the synced engine until the next change.
+        self.weights_version = 0
+        self.engine_version: int | None = None
+        self.weight_syncs = 0  # since the last update's metrics
+        self.engine_active = False  # the engine woke and may hold device memory until a stage needs it
+        self.phase_memory: dict[str, float] = {}  # peak device memory per phase, since the last update
+        # Shared-prompt forwards need a GRPO group's rows on one rank: the worker group's data-parallel
+        # dispatch keeps runs of equal `uid`s together (verl/single_controller/dispatch.py).
+        self.dispatch_group_key = "uid" if config.actor.shares_prompts else None
+        self.prompt_forwards: list[float] = []  # per log-prob pass since the last update, over all ranks
 
     # --- setup -------------------------------------------------------------------------------
     @register(Dispatch.ONE_TO_ALL)
@@ -88,11 +102,25 @@ class ActorRolloutRefWorker:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, self.config.actor.optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.actor.optim)
+        # Moving from the CPU to the CPU frees nothing: offload is a GPU matter.
         actor_offload, ref_offload = self.config.actor.offload, self.config.ref.offload
         self.actor_offload = fsdp_utils.CPUOffload(
-            self.device, self.model, self.optimizer, actor_offload.offload_params, actor_offload.offload_optimizer
+            self.device,
+            self.model,
+            self.optimizer,
+            actor_offload.offload_params and on_gpu,
+            actor_offload.offload_optimizer and on_gpu,
         )
-        self.ref_offload = fsdp_utils.CPUOffload(self.device, self.ref_model, params=ref_offload.offload_params)
+        self.ref_offload = fsdp_utils.CPUOffload(
+            self.device, self.ref_model, params=ref_offload.offload_params and on_gpu
+        )
+        rollout_cfg = self.config.rollout
+        engine_class = get_rollout_engine(rollout_cfg.name)
+        # An engine with weights of its own (vllm) leaves the actor idle while it generates; the hf
+        # engine generates with the actor's module, which must then stay on the device.
+        shares_actor = getattr(engine_class, "shares_actor_module", False)
+        self.offload_actor_for_generation = actor_offload.offload_during_generation and on_gpu and not shares_actor
+        self.offload_ref_for_generation = ref_offload.offload_during_generation and on_gpu
         self.actor = DataParallelActor(
             self.config.actor,
             self.model,
@@ -102,23 +130,24 @@ class ActorRolloutRefWorker:
         self.ref_actor = DataParallelActor(self.config.actor, self.ref_model) if self.ref_model is not None else None
         if self.need_ref and self.peft_model is not None:
             self.ref_actor = DataParallelActor(self.config.actor, self.model)  # run with the adapters off
-        rollout_cfg = self.config.rollout
-        self.rollout = get_rollout_engine(rollout_cfg.name)(
+        # Offloaded before the engine is built: vLLM refuses to start unless `gpu_memory_utilization`
+        # of the device is free.
+        self.actor_offload.offload()
+        self.ref_offload.offload()
+        self._offload_for_generation()
+        self.rollout = engine_class(
             model=self.model,
             tokenizer=self.tokenizer,
             processor=self.processor,
             config=rollout_cfg,
             micro_batch_size=rollout_cfg.micro_batch_size,
+            device=self.device,
         )
-        sizes = {
+        return {
             # Sharded parameters report their full size.
             "actor_params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in params),
         }
-        self.actor_offload.offload()
-        if self.ref_model is not None:
-            self.ref_offload.offload()
-        return sizes
 
     def _build_model(self, dtype: torch.dtype, fsdp_cfg: FSDPConfig, trainable: bool) -> torch.nn.Module:
         """The policy weights as the actor (trainable) or the reference (frozen), sharded when distributed."""
@@ -166,17 +195,72 @@ class ActorRolloutRefWorker:
         # keeps the given seed); the ranks of one group must sample identically, so share its seed.
         group = self.rank // self.dispatch_tp_size
         sampling = dataclasses.replace(sampling, seed=sampling.seed + group * 2**32)
-        with self.actor_offload.loaded(), self._gathered(self.model):
+        self._sync_engine()
+        self._offload_for_generation()
+        if self.rollout.shares_actor_module:
+            with self.actor_offload.loaded(), self._gathered(self.model), self._phase("gen"):
+                return self.rollout.generate(prompts, sampling)
+        with self._phase("gen"):
+            return self.rollout.generate(prompts, sampling)
+
+    def _sync_engine(self) -> None:
+        """Give the engine the actor's current weights, unless it holds them already.
+
+        The engine stays awake after generating, so the self-reward and counterfactual passes (and
+        every other generation before the weights change) sample from the weights synced once. The
+        hf engine shares the actor's module: its sync copies nothing but is counted the same way.
+        """
+        self.engine_active = True
+        if self.engine_version == self.weights_version and self.rollout.holds_weights:
+            return
+        loaded = nullcontext() if self.rollout.shares_actor_module else self.actor_offload.loaded()
+        with loaded, self._phase("weight_sync"):
             self.rollout.wake()
             self.rollout.sync_weights(self.model)
-            try:
-                return self.rollout.generate(prompts, sampling)
-            finally:
-                self.rollout.sleep()
+        self.engine_version = self.weights_version
+        self.weight_syncs += 1
+
+    def _offload_for_generation(self) -> None:
+        """Models the engine does not run leave the device before its KV cache wakes (GPU only)."""
+        if self.offload_actor_for_generation:
+            self.actor_offload.offload_all()
+        if self.offload_ref_for_generation:
+            self.ref_offload.offload_all()
+
+    def _release_engine(self) -> None:
+        """Before a stage that computes with the actor or the reference: the engine gives the device
+        back (on a GPU, vLLM frees its weights and KV cache; the next generation syncs again)."""
+        if self.engine_active:
+            self.rollout.sleep()
+            self.engine_active = False
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Peak device memory of one phase (its maximum over the calls since the last update),
+        reported in the update's metrics: `perf/max_memory_allocated_gb/<phase>` and
+        `perf/max_memory_reserved_gb/<phase>` (torch's caching allocator), and
+        `perf/device_memory_used_gb/<phase>` (the whole device at the phase's end as the driver
+        sees it, whichever allocator holds it: vLLM's KV cache included). GPU only: nothing is
+        recorded on CPU."""
+        if self.device.type != "cuda":
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        free, total = torch.cuda.mem_get_info(self.device)
+        peaks = {
+            "max_memory_allocated_gb": torch.cuda.max_memory_allocated(self.device),
+            "max_memory_reserved_gb": torch.cuda.max_memory_reserved(self.device),
+            "device_memory_used_gb": total - free,
+        }
+        for key, value in peaks.items():
+            metric = f"perf/{key}/{name}"
+            self.phase_memory[metric] = max(self.phase_memory.get(metric, 0.0), value / 2**30)
 
     @register(Dispatch.DP_COMPUTE)
     def compute_log_probs(self, data: DataProto) -> DataProto:
-        with self.actor_offload.loaded():
+        self._release_engine()
+        with self.actor_offload.loaded(), self._phase("old_log_prob"):
             log_probs, entropy = self.actor.compute_log_probs(
                 data,
                 data.meta_info["temperature"],
@@ -184,22 +268,25 @@ class ActorRolloutRefWorker:
                 with_entropy=True,
             )
             fsdp_utils.release_gathered(self.model)
+        self.prompt_forwards.append(fsdp_utils.sum_across_ranks(float(self.actor.prompt_forwards)))
         return DataProto.from_dict(tensors={"old_log_probs": log_probs, "entropy": entropy})
 
     @register(Dispatch.DP_COMPUTE)
     def compute_ref_log_probs(self, data: DataProto) -> DataProto:
         if self.ref_actor is None:
             raise RuntimeError("compute_ref_log_probs called on a worker without the reference role")
+        self._release_engine()
         if self.peft_model is not None:  # LoRA: the reference is the base model, i.e. the adapters off
             loaded, ref_model = self.actor_offload.loaded(), self.model
             base_policy = lora.adapters_disabled(self.peft_model)
         else:
             loaded, ref_model, base_policy = self.ref_offload.loaded(), self.ref_model, nullcontext()
-        with loaded, base_policy:
+        with loaded, base_policy, self._phase("ref"):
             log_probs, _ = self.ref_actor.compute_log_probs(
                 data, data.meta_info["temperature"], self.config.ref.micro_batch_size_per_device_for_experience
             )
             fsdp_utils.release_gathered(ref_model)
+        self.prompt_forwards.append(fsdp_utils.sum_across_ranks(float(self.ref_actor.prompt_forwards)))
         return DataProto.from_dict(tensors={"ref_log_probs": log_probs})
 
     @register(Dispatch.DP_COMPUTE)
@@ -208,10 +295,20 @@ class ActorRolloutRefWorker:
         mini_batch_size = data.meta_info["mini_batch_size"] // self.world_size
         # kl_penalty=full compares with the reference model inside the update.
         ref_loaded = self.ref_offload.loaded() if self.actor.ref_model is not None else nullcontext()
-        with self.actor_offload.loaded(with_optimizer=True), ref_loaded:
+        self._release_engine()
+        with self.actor_offload.loaded(with_optimizer=True), ref_loaded, self._phase("update_actor"):
             metrics = self.actor.update_policy(data, data.meta_info["temperature"], mini_batch_size)
+        self.weights_version += 1
         metrics = fsdp_utils.all_reduce_metrics(metrics, summed=ADDITIVE_METRICS)
         metrics["actor/lr"] = self.lr_scheduler.get_last_lr()[0]
+        # Since the previous update: one per change of the weights however often the step generated.
+        metrics["perf/weight_syncs"] = float(self.weight_syncs)
+        metrics.update(fsdp_utils.max_across_ranks(self.phase_memory))
+        if self.prompt_forwards:
+            # Prompt encodings per log-prob pass (old, ref) of the step, all ranks together; the
+            # trainer divides by the step's groups (perf/prompt_forwards_per_group).
+            metrics["perf/prompt_forwards"] = sum(self.prompt_forwards) / len(self.prompt_forwards)
+        self.weight_syncs, self.phase_memory, self.prompt_forwards = 0, {}, []
         self.lr_scheduler.step()
         return DataProto.from_dict(meta_info={"metrics": metrics})
 
@@ -228,6 +325,7 @@ class ActorRolloutRefWorker:
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, path: str) -> None:
         """The shared worker layout (verl/workers/checkpoint.py) plus `worker_config.json`."""
+        self._release_engine()
         with self.actor_offload.loaded(with_optimizer=True):
             checkpoint.save_checkpoint(
                 path, self.model, self.optimizer, self.lr_scheduler, self.tokenizer, self.processor, self.peft_model
@@ -240,5 +338,7 @@ class ActorRolloutRefWorker:
     def load_checkpoint(self, path: str) -> None:
         """Restore weights, optimizer, scheduler and RNG from a checkpoint written by any number of workers."""
         checkpoint.require_complete(path)
+        self._release_engine()
         with self.actor_offload.loaded(with_optimizer=True):
             checkpoint.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        self.weights_version += 1

@@ -176,11 +176,40 @@ def _shared_prompt_log_probs(
     return token_log_probs(logits, tokens), entropy, (logits if keep_logits else None)
 
 
+def count_prompt_forwards(micro: DataProto, shared_prompt: bool) -> int:
+    """Prompt encodings one forward of `micro` runs: one per distinct prompt (`prompt_groups`) when
+    shared, else one per row."""
+    if not shared_prompt:
+        return len(micro)
+    width = micro.batch["responses"].shape[1]
+    multimodal = micro.non_tensor_batch.get("multi_modal_inputs")
+    groups = prompt_groups(
+        micro.batch["input_ids"][:, :-width],
+        micro.batch["attention_mask"][:, :-width],
+        list(multimodal) if multimodal is not None else None,
+    )
+    return len(groups.first_rows)
+
+
 def _uses_gradient_checkpointing(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy_rollout")
+# Token-means over the valid response tokens of a mini-batch (the policy losses' metrics and the
+# entropy), as opposed to the losses, which follow `loss_agg_mode`.
+TOKEN_MEAN_METRICS = (
+    "actor/ppo_kl",
+    "actor/pg_clipfrac_higher",
+    "actor/pg_clipfrac_lower",
+    "actor/pg_clipfrac_dual",
+    "actor/entropy",
+    "actor/entropy_rollout",
+)
+# Each micro-batch reports these as its share of the whole mini-batch's value (its token or row sum
+# divided by the mini-batch's count over all ranks), so summing the shares over micro-batches and
+# ranks gives the mini-batch's value whatever the split: the logged metrics do not move with the
+# micro-batch size, dynamic batching or the number of ranks. A mean of per-micro-batch means would.
+ADDITIVE_METRICS = ("actor/loss", "actor/pg_loss", "actor/kl_loss", *TOKEN_MEAN_METRICS)
 
 
 def _data_parallel_size() -> int:
@@ -203,10 +232,12 @@ class DataParallelActor:
         # Only the `full` KL estimator needs the reference model inside the update (full distributions).
         self.ref_model = ref_model
         self.policy_loss = core_algos.get_policy_loss(config.policy_loss)
+        self.prompt_forwards = 0
+        """Prompt encodings of the last `compute_log_probs` on this rank."""
 
-    def _micro_batches(self, data: DataProto, micro_batch_size: int) -> list[DataProto]:
+    def _micro_batches(self, data: DataProto, micro_batch_size: int, keep_groups: bool) -> list[DataProto]:
         cfg = self.config
-        return micro_batches(data, micro_batch_size, cfg.dynamic_batching, cfg.max_token_len_per_gpu)
+        return micro_batches(data, micro_batch_size, cfg.dynamic_batching, cfg.max_token_len_per_gpu, keep_groups)
 
     @torch.no_grad()
     def compute_log_probs(
@@ -215,8 +246,13 @@ class DataParallelActor:
         was_training = self.model.training
         self.model.eval()
         log_probs, entropies = [], []
+        shared = self.config.shares_prompts
+        # Prompt encodings of this pass (perf/prompt_forwards_per_group): groups cut across
+        # micro-batches or ranks encode their prompt once per piece.
+        self.prompt_forwards = 0
         try:
-            for micro in self._micro_batches(data, micro_batch_size):
+            for micro in self._micro_batches(data, micro_batch_size, keep_groups=shared):
+                self.prompt_forwards += count_prompt_forwards(micro, shared)
                 micro_log_probs, entropy, _ = forward_response_log_probs(
                     self.model,
                     micro,
@@ -224,7 +260,7 @@ class DataParallelActor:
                     self.config.logprob_chunk_size,
                     with_entropy,
                     padding_free=self.config.padding_free,
-                    shared_prompt=self.config.shares_prompts,
+                    shared_prompt=shared,
                 )
                 log_probs.append(micro_log_probs.cpu())
                 if with_entropy:
@@ -239,6 +275,11 @@ class DataParallelActor:
         Without an `old_log_probs` column the batch is taken as on-policy: the old policy is the
         current one, so the detached log-probs of the update's own forward serve as the old ones
         (ratio exactly 1). That holds only for one epoch over one mini-batch, which is checked.
+
+        Metrics: each mini-batch's value over its rows on every rank (token-means weighted by
+        tokens, losses as `loss_agg_mode` weighs them; see ADDITIVE_METRICS), averaged over the
+        update's mini-batches. For ADDITIVE_METRICS this is this rank's share, which the worker
+        sums over ranks (fsdp_utils.all_reduce_metrics).
         """
         if self.optimizer is None:
             raise RuntimeError("update_policy needs an optimizer (this worker has no actor role)")
@@ -251,6 +292,8 @@ class DataParallelActor:
                 f"mini-batches of {mini_batch_size}: compute old_log_probs first"
             )
         self.model.train()
+        # Whole groups in a micro-batch only where the update shares prompts (see _accumulate_micro_batch).
+        keep_groups = cfg.shares_prompts and not _uses_gradient_checkpointing(self.model)
         metrics: dict[str, list[float]] = defaultdict(list)
         response_length = data.batch["responses"].shape[1]
         for _ in range(cfg.ppo_epochs):
@@ -262,12 +305,12 @@ class DataParallelActor:
                 agg = {"global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": response_length}
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_metrics: dict[str, list[float]] = defaultdict(list)
-                for micro in self._micro_batches(mini, cfg.micro_batch_size_per_device_for_update):
+                for micro in self._micro_batches(mini, cfg.micro_batch_size_per_device_for_update, keep_groups):
                     for key, value in self._accumulate_micro_batch(micro, temperature, agg).items():
                         mini_metrics[key].append(value)
                 for key, values in mini_metrics.items():
-                    # Losses are already normalised by the mini-batch's global counts: their
-                    # micro-batch parts add up. Other metrics are averaged.
+                    # Shares of the mini-batch's value add up (ADDITIVE_METRICS); the rest
+                    # (kl_coef) is the same in every micro-batch.
                     summed = key in ADDITIVE_METRICS
                     metrics[key].append(sum(values) if summed else sum(values) / len(values))
                 grad_norm, stepped = clip_and_step(self.model.parameters(), self.optimizer, cfg.max_grad_norm)
@@ -313,13 +356,19 @@ class DataParallelActor:
         if cfg.entropy_coeff != 0:
             # Left out of the graph otherwise, so the backward skips the entropy's gradient.
             loss = loss - cfg.entropy_coeff * core_algos.agg_loss(entropy, mask, cfg.loss_agg_mode, **agg)
-        out = {f"actor/{k}": float(v) for k, v in pg_metrics.items()}
+        # The policy loss's metrics are token-means over this micro-batch: weighted by its share of
+        # the mini-batch's valid tokens (over all ranks) they become additive (ADDITIVE_METRICS).
+        token_share = float(mask.sum()) / max(agg["global_tokens"], 1.0)
+        out = {f"actor/{k}": float(v) * token_share for k, v in pg_metrics.items()}
+        unknown = sorted(set(out) - set(TOKEN_MEAN_METRICS))
+        if unknown:
+            raise ValueError(f"policy loss {cfg.policy_loss!r} returned metrics {unknown}, not in TOKEN_MEAN_METRICS")
         out["actor/pg_loss"] = float(pg_loss.detach())
-        out["actor/entropy"] = float(core_algos.masked_mean(entropy.detach(), mask))
+        out["actor/entropy"] = float((entropy.detach() * mask).sum()) / max(agg["global_tokens"], 1.0)
         if on_policy:
             # What the trainer reports as actor/entropy_rollout from the skipped old-log-prob pass:
-            # the same policy, so the same value; a share of the global token mean, summed over parts.
-            out["actor/entropy_rollout"] = float((entropy.detach() * mask).sum()) / agg["global_tokens"]
+            # the same policy, so the same value.
+            out["actor/entropy_rollout"] = out["actor/entropy"]
         if cfg.use_kl_loss:
             kl = self._kl_to_reference(micro, log_probs, logits, temperature)
             kl_loss = core_algos.agg_loss(kl, mask, cfg.loss_agg_mode, **agg)

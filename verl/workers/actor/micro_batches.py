@@ -6,6 +6,11 @@ mini-batch's token count, not the micro-batch's) gives the same gradient for any
 Under FSDP every rank must run the same number of forwards (each one gathers parameters
 collectively), so the count is agreed across ranks (the largest wins) and a rank with fewer groups
 splits its heaviest ones.
+
+With `keep_groups` (shared-prompt forwards) the units packed are runs of consecutive rows with the
+same prompt (a GRPO group), never cut: a micro-batch holds as many whole groups as fit in its row
+count or token budget, and a group larger than that runs alone, as a row over the token budget
+does. Only when ranks must agree on more micro-batches than whole groups can make is a group cut.
 """
 
 from __future__ import annotations
@@ -40,9 +45,14 @@ def token_budget_groups(counts: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-def split_to_count(groups: list[list[int]], counts: list[int], target: int) -> list[list[int]]:
+def split_to_count(
+    groups: list[list[int]], counts: list[int], target: int, unit_starts: set[int] | None = None
+) -> list[list[int]]:
     """Split the heaviest multi-row group at its token midpoint until there are `target` groups.
 
+    `unit_starts`: the rows a cut may fall before (every row when None): the heaviest group that
+    has such a row inside it is cut at the first of them past its token midpoint (the last one
+    before it, if none is past); only when no group has one is a unit cut, as rows are cut.
     Needs `target` <= the number of rows; order is kept (the halves stay consecutive).
     """
     groups = [list(g) for g in groups]
@@ -50,15 +60,20 @@ def split_to_count(groups: list[list[int]], counts: list[int], target: int) -> l
         splittable = [i for i, g in enumerate(groups) if len(g) > 1]
         if not splittable:
             raise ValueError(f"cannot form {target} non-empty micro-batches from {sum(map(len, groups))} rows")
-        i = max(splittable, key=lambda j: sum(counts[r] for r in groups[j]))
+        allowed = unit_starts
+        if allowed is not None and not any(row in allowed for i in splittable for row in groups[i][1:]):
+            allowed = None  # every group is one unit: cut inside one
+        candidates = [i for i in splittable if allowed is None or any(row in allowed for row in groups[i][1:])]
+        i = max(candidates, key=lambda j: sum(counts[r] for r in groups[j]))
         group = groups[i]
         half = sum(counts[r] for r in group) / 2
         running, cut = 0, 1
         for k, row in enumerate(group[:-1]):
             running += counts[row]
-            cut = k + 1
-            if running >= half:
-                break
+            if allowed is None or group[k + 1] in allowed:
+                cut = k + 1
+                if running >= half:
+                    break
         groups[i : i + 1] = [group[:cut], group[cut:]]
     return groups
 
@@ -73,15 +88,50 @@ def _max_across_ranks(value: int) -> int:
     return int(tensor.item())
 
 
-def micro_batches(data: DataProto, micro_batch_size: int, dynamic: bool, max_tokens: int) -> list[DataProto]:
+def prompt_run_starts(data: DataProto) -> list[int]:
+    """The rows that start a run of consecutive rows with equal prompt tokens and mask (a GRPO group
+    as a rollout lays it out), row 0 first. Images are not compared: rows with equal placeholder
+    tokens and other images stay in one unit, which only keeps them in one micro-batch."""
+    rows = len(data)
+    if rows == 0:
+        return []
+    width = data.batch["responses"].shape[1]
+    ids = data.batch["input_ids"][:, :-width]
+    mask = data.batch["attention_mask"][:, :-width]
+    same = (ids[1:] == ids[:-1]).all(-1) & (mask[1:] == mask[:-1]).all(-1)  # (rows - 1,)
+    return [0] + (torch.nonzero(~same).flatten() + 1).tolist()
+
+
+def whole_group_micro_batches(
+    counts: list[int], starts: list[int], micro_batch_size: int, dynamic: bool, max_tokens: int
+) -> list[list[int]]:
+    """Row indices of each micro-batch made of whole units (runs starting at `starts`, in order):
+    consecutive units packed while their rows stay within `micro_batch_size` (or, `dynamic`, their
+    tokens within `max_tokens`); a unit over the limit forms a micro-batch of its own."""
+    bounds = [*starts, len(counts)]
+    units = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    sizes = [sum(counts[r] for r in unit) if dynamic else len(unit) for unit in units]
+    limit = max_tokens if dynamic else micro_batch_size
+    return [[row for u in packed for row in units[u]] for packed in token_budget_groups(sizes, limit)]
+
+
+def micro_batches(
+    data: DataProto, micro_batch_size: int, dynamic: bool, max_tokens: int, keep_groups: bool = False
+) -> list[DataProto]:
     """Consecutive pieces of `data`: `micro_batch_size` rows each, or (dynamic) up to `max_tokens` tokens each.
 
-    With `dynamic`, every rank of a distributed run returns the same number of pieces.
+    With `dynamic` or `keep_groups`, every rank of a distributed run returns the same number of
+    pieces. `keep_groups`: pieces of whole prompt groups (see the module's docstring).
     """
-    if not dynamic:
+    if not dynamic and not keep_groups:
         return data.split(micro_batch_size)
     counts = row_token_counts(data)
-    groups = token_budget_groups(counts, max_tokens)
+    starts = prompt_run_starts(data) if keep_groups else None
+    if starts is not None:
+        groups = whole_group_micro_batches(counts, starts, micro_batch_size, dynamic, max_tokens)
+    else:
+        groups = token_budget_groups(counts, max_tokens)
+    # Fixed-size pieces of whole groups may differ in number between ranks too (unequal groups).
     target = _max_across_ranks(len(groups))
-    groups = split_to_count(groups, counts, target)
+    groups = split_to_count(groups, counts, target, set(starts) if starts is not None else None)
     return [data[group[0] : group[-1] + 1] for group in groups]

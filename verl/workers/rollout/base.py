@@ -64,6 +64,15 @@ def rollout_output(
 class RolloutEngine(ABC):
     """Samples responses with the policy's current weights."""
 
+    shares_actor_module = False
+    """True when the engine generates with the actor's own module (hf): the actor must stay on the
+    device while it generates, and `sync_weights` has nothing to copy."""
+
+    @property
+    def holds_weights(self) -> bool:
+        """Whether the weights last synced are still in the engine (a sleeping vLLM engine drops them)."""
+        return True
+
     @abstractmethod
     def generate(self, prompts: DataProto, sampling: SamplingParams) -> DataProto:
         """Return the prompts repeated n times (interleaved) with `responses`, `response_mask`,

@@ -25,6 +25,8 @@ def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: list[int]) ->
 
 @register_rollout_engine("hf")
 class HFRollout(RolloutEngine):
+    shares_actor_module = True
+
     def __init__(
         self,
         model: torch.nn.Module,

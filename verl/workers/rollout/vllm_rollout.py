@@ -107,6 +107,65 @@ def check_tensor_parallel(tp_size: int) -> None:
         raise RuntimeError(f"vllm rollout: tensor parallelism needs {missing} in the environment (torchrun style)")
 
 
+def engine_arguments(
+    config: RolloutConfig,
+    model_path: str,
+    tokenizer_path: str,
+    model_config: Any,
+    device: torch.device,
+    image_size: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` for a rollout engine on `device`.
+
+    `model_config` is the Hugging Face config (only its text part's sizes are read, for the CPU
+    KV cache); `image_size` is the processor's `size` (`shortest_edge` / `longest_edge` in pixels),
+    None for a model without images. scripts/gpu_check.py --dry-run runs vLLM's own checks on them.
+    """
+    on_gpu = device.type == "cuda"
+    # GPU rollouts run in bf16 (the actor's mixed-precision compute dtype); CPU computes in fp32.
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    max_model_len = config.max_model_len or config.prompt_length + config.response_length
+    args: dict[str, Any] = {
+        "model": model_path,
+        "tokenizer": tokenizer_path,
+        "load_format": "dummy",  # the weights come from the actor, see sync_weights
+        "dtype": dtype,
+        "seed": config.seed,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_model_len": max_model_len,
+        "enforce_eager": config.enforce_eager,
+        "enable_chunked_prefill": config.enable_chunked_prefill,
+        "enable_sleep_mode": on_gpu,
+        # Log-probs of the distribution actually sampled from (temperature applied), which is
+        # what the actor recomputes; vLLM's default is the raw, temperature-free one.
+        "logprobs_mode": "processed_logprobs",
+    }
+    if config.tensor_parallel_size > 1:
+        # SPMD: this process is one rank of the engine; vLLM joins the existing process group
+        # (RANK/LOCAL_RANK from the environment) and groups consecutive ranks into engines.
+        args["distributed_executor_backend"] = "external_launcher"
+        # Ray gives each worker only its own GPU; vLLM's custom all-reduce needs peer access
+        # between devices it can see, so it uses NCCL (verl does the same).
+        args["disable_custom_all_reduce"] = True
+    if device.type == "cpu":
+        # On CPU, vLLM reads gpu_memory_utilization as a share of host RAM; size the cache instead.
+        tokens = max(config.max_num_batched_tokens, max_model_len)
+        # Each tensor-parallel rank holds its share of the key/value heads.
+        kv_heads = model_config.get_text_config().num_key_value_heads
+        shards = min(config.tensor_parallel_size, kv_heads)
+        args["kv_cache_memory_bytes"] = kv_cache_bytes(model_config, dtype, tokens) // shards
+    if image_size is not None:
+        args["mm_processor_kwargs"] = {
+            "min_pixels": image_size["shortest_edge"],
+            "max_pixels": image_size["longest_edge"],
+        }
+        if config.limit_images > 0:
+            args["limit_mm_per_prompt"] = {"image": config.limit_images}
+    return args
+
+
 @register_rollout_engine("vllm")
 class VLLMRollout(RolloutEngine):
     def __init__(
@@ -115,6 +174,7 @@ class VLLMRollout(RolloutEngine):
         tokenizer: PreTrainedTokenizerBase,
         config: RolloutConfig,
         processor: ProcessorMixin | None = None,
+        device: torch.device | None = None,
         **_: object,
     ) -> None:
         try:
@@ -129,7 +189,9 @@ class VLLMRollout(RolloutEngine):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.device = next(model.parameters()).device
+        # Given by the worker, which may have moved the actor to the CPU before the engine is built
+        # (vLLM refuses to start unless `gpu_memory_utilization` of the device is free).
+        self.device = device or next(model.parameters()).device
         self.sleep_supported = self.device.type == "cuda"
         # GPU rollouts run in bf16 (the actor's mixed-precision compute dtype); CPU computes in fp32.
         self.dtype = torch.bfloat16 if self.sleep_supported else torch.float32
@@ -147,50 +209,24 @@ class VLLMRollout(RolloutEngine):
             logger.info("vllm rollout on %s: sleep mode needs a GPU, so the engine keeps its memory", self.device)
 
     def _build_engine(self, llm_class: type, processor: ProcessorMixin | None) -> Any:
-        cfg = self.config
-        max_model_len = cfg.max_model_len or cfg.prompt_length + cfg.response_length
-        args: dict[str, Any] = {
-            "model": self.model.name_or_path,
-            "tokenizer": self.tokenizer.name_or_path,
-            "load_format": "dummy",  # the weights come from the actor, see sync_weights
-            "dtype": self.dtype,
-            "seed": cfg.seed,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-            "gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "max_num_batched_tokens": cfg.max_num_batched_tokens,
-            "max_model_len": max_model_len,
-            "enforce_eager": cfg.enforce_eager,
-            "enable_chunked_prefill": cfg.enable_chunked_prefill,
-            "enable_sleep_mode": self.sleep_supported,
-            # Log-probs of the distribution actually sampled from (temperature applied), which is
-            # what the actor recomputes; vLLM's default is the raw, temperature-free one.
-            "logprobs_mode": "processed_logprobs",
-        }
-        if cfg.tensor_parallel_size > 1:
-            # SPMD: this process is one rank of the engine; vLLM joins the existing process group
-            # (RANK/LOCAL_RANK from the environment) and groups consecutive ranks into engines.
-            args["distributed_executor_backend"] = "external_launcher"
-            # Ray gives each worker only its own GPU; vLLM's custom all-reduce needs peer access
-            # between devices it can see, so it uses NCCL (verl does the same).
-            args["disable_custom_all_reduce"] = True
-        if self.device.type == "cpu":
-            # On CPU, vLLM reads gpu_memory_utilization as a share of host RAM; size the cache instead.
-            tokens = max(cfg.max_num_batched_tokens, max_model_len)
-            # Each tensor-parallel rank holds its share of the key/value heads.
-            kv_heads = self.model.config.get_text_config().num_key_value_heads
-            shards = min(cfg.tensor_parallel_size, kv_heads)
-            args["kv_cache_memory_bytes"] = kv_cache_bytes(self.model.config, self.dtype, tokens) // shards
-        if processor is not None:
-            size = processor.image_processor.size
-            args["mm_processor_kwargs"] = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
-            if cfg.limit_images > 0:
-                args["limit_mm_per_prompt"] = {"image": cfg.limit_images}
+        args = engine_arguments(
+            self.config,
+            self.model.name_or_path,
+            self.tokenizer.name_or_path,
+            self.model.config,
+            self.device,
+            processor.image_processor.size if processor is not None else None,
+        )
         # In-process engine core: the weights are handed over as tensors, never serialised.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         with preserved_random_state(self.device):
             return llm_class(**args)
 
     # --- memory -----------------------------------------------------------------------------
+    @property
+    def holds_weights(self) -> bool:
+        return self.weights_current
+
     def sleep(self) -> None:
         if not self.sleep_supported:
             logger.debug("vllm rollout on %s: not sleeping, sleep mode needs a GPU", self.device)
