@@ -10,15 +10,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # a full trainer --check-config in a fresh process: 165 s on two shared cores
-def test_dry_run_checks_the_shipped_scripts_exact_command(tiny_world):
-    result = subprocess.run(
+def dry_run(tiny_world: Path) -> subprocess.CompletedProcess:
+    """`python scripts/gpu_check.py --dry-run` as a user runs it."""
+    return subprocess.run(
         [sys.executable, "scripts/gpu_check.py", "--dry-run", "--world", str(tiny_world)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.mark.slow  # a full trainer --check-config in a fresh process: 165 s on two shared cores
+def test_dry_run_checks_the_shipped_scripts_exact_command(tiny_world):
+    result = dry_run(tiny_world)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "command: bash train_examples/2-3b_selfReward_train.sh trainer.max_steps=2" in result.stdout
     # The shipped rollout settings survive the scaling down: vLLM, 8 samples, the original's 15000 tokens.
@@ -41,13 +46,7 @@ def test_dry_run_passes_part_3s_engine_arguments_through_vllm(tiny_world):
     """Part 3's settings (the shipped script's, scaled as part 3 scales them) and the 3B shape's
     128000-token context pass vLLM's engine-argument checks: 12800 + 512 tokens fit the context and
     one scheduler step."""
-    result = subprocess.run(
-        [sys.executable, "scripts/gpu_check.py", "--dry-run", "--world", str(tiny_world)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = dry_run(tiny_world)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "actor offload during generation=True" in result.stdout
     line = next(line for line in result.stdout.splitlines() if line.startswith("vLLM engine-argument checks"))

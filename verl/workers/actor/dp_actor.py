@@ -18,7 +18,7 @@ from verl.models.packing import PackedRows, pack_rows
 from verl.models.shared_prompt import prompt_groups, shared_prompt_hidden
 from verl.protocol import DataProto
 from verl.workers import fsdp_utils
-from verl.workers.actor.micro_batches import micro_batches
+from verl.workers.actor.micro_batches import micro_batches, prompt_run_starts
 from verl.workers.config import ActorConfig
 from verl.workers.optimizer import clip_and_step
 
@@ -179,16 +179,7 @@ def _shared_prompt_log_probs(
 def count_prompt_forwards(micro: DataProto, shared_prompt: bool) -> int:
     """Prompt encodings one forward of `micro` runs: one per distinct prompt (`prompt_groups`) when
     shared, else one per row."""
-    if not shared_prompt:
-        return len(micro)
-    width = micro.batch["responses"].shape[1]
-    multimodal = micro.non_tensor_batch.get("multi_modal_inputs")
-    groups = prompt_groups(
-        micro.batch["input_ids"][:, :-width],
-        micro.batch["attention_mask"][:, :-width],
-        list(multimodal) if multimodal is not None else None,
-    )
-    return len(groups.first_rows)
+    return len(prompt_run_starts(micro)) if shared_prompt else len(micro)
 
 
 def _uses_gradient_checkpointing(model: torch.nn.Module) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from verl.models.shared_prompt import prompt_groups
 from verl.protocol import DataProto
 
 
@@ -89,17 +90,18 @@ def _max_across_ranks(value: int) -> int:
 
 
 def prompt_run_starts(data: DataProto) -> list[int]:
-    """The rows that start a run of consecutive rows with equal prompt tokens and mask (a GRPO group
-    as a rollout lays it out), row 0 first. Images are not compared: rows with equal placeholder
-    tokens and other images stay in one unit, which only keeps them in one micro-batch."""
-    rows = len(data)
-    if rows == 0:
+    """The rows that start a run of consecutive rows sharing one prompt (a GRPO group as a rollout
+    lays it out), row 0 first: the groups a shared-prompt forward encodes once (`prompt_groups`)."""
+    if len(data) == 0:
         return []
     width = data.batch["responses"].shape[1]
-    ids = data.batch["input_ids"][:, :-width]
-    mask = data.batch["attention_mask"][:, :-width]
-    same = (ids[1:] == ids[:-1]).all(-1) & (mask[1:] == mask[:-1]).all(-1)  # (rows - 1,)
-    return [0] + (torch.nonzero(~same).flatten() + 1).tolist()
+    multimodal = data.non_tensor_batch.get("multi_modal_inputs")
+    groups = prompt_groups(
+        data.batch["input_ids"][:, :-width],
+        data.batch["attention_mask"][:, :-width],
+        list(multimodal) if multimodal is not None else None,
+    )
+    return groups.first_rows.tolist()
 
 
 def whole_group_micro_batches(
