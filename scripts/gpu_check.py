@@ -2,10 +2,12 @@
 
 1. The tiny world end to end on the device (local backend): GRPO steps with the hf engine, and with
    the vllm engine where vLLM is installed; median seconds per stage (scripts/benchmark_grpo.py).
-2. A random-init model of Qwen2.5-VL-3B's shape in bf16, through the real worker (FSDP2, gradient
-   checkpointing, AdamW), prompts in groups of 4: the hf engine's tokens/s, then old log-probs
-   padded, padding-free and shared-prompt (time, peak memory, how far the bf16 log-probs differ),
-   and one actor update padded and padding-free (time, MFU, peak memory).
+2. A random-init model of Qwen2.5-VL-3B's shape in bf16, then one of Qwen3-VL-8B's (deepstack
+   vision tower, interleaved M-RoPE; --skip-qwen3-vl leaves it out, e.g. on an 80 GB card: its
+   bf16 weights, gradients and AdamW states alone take 70 GB), each through the real worker
+   (FSDP2, gradient checkpointing, AdamW), prompts in groups of 4: the hf engine's tokens/s, then
+   old log-probs padded, padding-free and shared-prompt (time, peak memory, how far the bf16
+   log-probs differ), and one actor update padded and padding-free (time, MFU, peak memory).
 3. The shipped GPU script itself (`bash train_examples/2-3b_selfReward_train.sh`, its own settings:
    vLLM rollout with sleep mode, one weight sync per step, the actor offloaded while vLLM
    generates, self-reward stage, KL with the offloaded reference) for 2 GRPO steps on a
@@ -53,7 +55,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_grpo import STAGES, run_variant  # noqa: E402
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json (sizes only; token ids come from the tiny tokenizer).
+# "model" names the tiny world model whose config and processor the shape is written over.
 QWEN25_VL_3B = {
+    "model": "qwen2_5_vl",
     "text": {
         "hidden_size": 2048,
         "intermediate_size": 11008,
@@ -75,8 +79,47 @@ QWEN25_VL_3B = {
         "tokens_per_second": 2,
     },
 }
+# Qwen/Qwen3-VL-8B-Instruct's sizes, not read from its config.json (no hub access where this was
+# written). The vision tower is transformers 5.19's Qwen3VLVisionConfig defaults
+# (models/qwen3_vl/configuration_qwen3_vl.py: depth 27, width 1152, MLP 4304, 16 heads, a 48x48
+# position table, deepstack from blocks 8, 16 and 24) with out_hidden_size set to the text width.
+# The text sizes are Qwen3-8B's (hidden 4096, MLP 12288, 36 layers, 32 query / 8 key-value heads
+# of 128; transformers' Qwen3VLTextConfig defaults differ), with the 262144-token context, rope
+# base 5000000 and interleaved M-RoPE sections [24, 20, 20]: the values public copies of the 8B's
+# config.json quote. Cross-check: they give 8.767 B parameters with the untied LM head, the 8.77 B
+# the model card states.
+QWEN3_VL_8B = {
+    "model": "qwen3_vl",
+    "top": {"tie_word_embeddings": False},
+    "text": {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 262144,
+        "rope_parameters": {
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+            "rope_theta": 5000000.0,
+            "rope_type": "default",
+        },
+    },
+    "vision": {
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "out_hidden_size": 4096,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+}
 # A small stand-in with the same structure, for running this script's code paths on CPU.
 SMALL = {
+    "model": "qwen2_5_vl",
     "text": {
         "hidden_size": 256,
         "intermediate_size": 512,
@@ -88,6 +131,26 @@ SMALL = {
         "rope_parameters": {"mrope_section": [8, 12, 12], "rope_theta": 1000000.0, "rope_type": "default"},
     },
     "vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 256},
+}
+# Qwen3-VL's small stand-in: two deepstack sources, interleaved M-RoPE over 64-wide heads.
+SMALL_QWEN3_VL = {
+    "model": "qwen3_vl",
+    "text": {
+        **SMALL["text"],
+        "head_dim": 64,
+        "rope_parameters": {
+            "mrope_section": [8, 12, 12],
+            "mrope_interleaved": True,
+            "rope_theta": 1000000.0,
+            "rope_type": "default",
+        },
+    },
+    "vision": {**SMALL["vision"], "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]},
+}
+# Part 2's shapes per --shape; part 3 trains the first.
+PART2_SHAPES = {
+    "3b": {"Qwen2.5-VL-3B": QWEN25_VL_3B, "Qwen3-VL-8B": QWEN3_VL_8B},
+    "small": {"small": SMALL, "small Qwen3-VL": SMALL_QWEN3_VL},
 }
 # Forward layouts compared in part 2: (padding_free, shared_prompt).
 LAYOUTS = {"padded": (False, False), "padding_free": (True, False), "shared_prompt": (False, True)}
@@ -145,12 +208,14 @@ def tiny_world_stages(world: Path, device: str, steps: int, engines: list[str]) 
             print(f"| {key} | " + " | ".join(f"{r[key]:.3f}" for r in results.values()) + " |")
 
 
-# --- part 2: a 3B-shaped model -----------------------------------------------------------------
+# --- part 2: models of the released shapes ---------------------------------------------------
 def shaped_config(world: Path, shape: dict):
-    """The tiny Qwen2.5-VL's config with the sizes of `shape`."""
+    """The config of the tiny world's `shape["model"]` with the sizes of `shape`."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(world / "models" / "qwen2_5_vl")
+    config = AutoConfig.from_pretrained(world / "models" / shape["model"])
+    for key, value in shape.get("top", {}).items():
+        setattr(config, key, value)
     for key, value in shape["text"].items():
         setattr(config.text_config, key, value)
     config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
@@ -159,20 +224,21 @@ def shaped_config(world: Path, shape: dict):
     return config
 
 
-def copy_tokenizer(world: Path, out: Path) -> None:
+def copy_tokenizer(world: Path, model: str, out: Path) -> None:
+    """The tokenizer and processor of the tiny world's `model` (its patch size is the family's)."""
     for name in TOKENIZER_FILES:
-        shutil.copy(world / "models" / "qwen2_5_vl" / name, out / name)
+        shutil.copy(world / "models" / model / name, out / name)
 
 
 def write_random_model(world: Path, shape: dict, device: str, out: Path) -> int:
-    """A random-init Qwen2.5-VL of `shape` in bf16, saved with the tiny world's tokenizer and
-    processor (ids < 526, valid in any vocabulary). Returns its parameter count."""
+    """A random-init model of `shape` in bf16, saved with the tiny world's tokenizer and processor
+    (ids < 526, valid in any vocabulary). Returns its parameter count."""
     from transformers import AutoModelForImageTextToText
 
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(shaped_config(world, shape), dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
-    copy_tokenizer(world, out)
+    copy_tokenizer(world, shape["model"], out)
     count = sum(p.numel() for p in model.parameters())
     del model
     return count
@@ -182,7 +248,7 @@ def write_model_config(world: Path, shape: dict, out: Path) -> None:
     """The folder of `write_random_model` without weights: what the config checks read."""
     out.mkdir(parents=True, exist_ok=True)
     shaped_config(world, shape).save_pretrained(out)
-    copy_tokenizer(world, out)
+    copy_tokenizer(world, shape["model"], out)
 
 
 def synchronize(device: str) -> None:
@@ -199,9 +265,9 @@ def update_flops(model_config, batch) -> float:
     """
     text = model_config.get_text_config()
     hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    head_dim = hidden // text.num_attention_heads
-    kv = text.num_key_value_heads * head_dim
-    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    query, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    per_layer = hidden * (query + 2 * kv) + query * hidden + 3 * hidden * text.intermediate_size
     lengths = batch.batch["attention_mask"].sum(-1).double()
     tokens = float(lengths.sum())
     response_tokens = float(batch.batch["response_mask"].sum())
@@ -216,14 +282,15 @@ def peak_flops(device: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
-def three_b_shape(world: Path, device: str, shape_name: str, batch: int, prompt_len: int, new_tokens: int) -> None:
+def shaped_actor(
+    world: Path, device: str, label: str, shape: dict, batch: int, prompt_len: int, new_tokens: int
+) -> None:
     from verl.protocol import SamplingParams
     from verl.trainer.self_reward import left_padded_prompts
     from verl.workers.config import WorkerConfig
     from verl.workers.fsdp_worker import ActorRolloutRefWorker
 
-    shape = QWEN25_VL_3B if shape_name == "3b" else SMALL
-    section(f"random-init Qwen2.5-VL ({shape_name} shape), bf16, on {device}")
+    section(f"random-init model of {label}'s shape ({shape['model']}), bf16, on {device}")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         params = write_random_model(world, shape, device, Path(tmp))
@@ -525,6 +592,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="GRPO steps per engine on the tiny world")
     parser.add_argument("--engines", default="hf,vllm", help="comma-separated rollout engines for part 1")
     parser.add_argument("--skip-3b", action="store_true", help="skip part 2")
+    parser.add_argument("--skip-qwen3-vl", action="store_true", help="part 2: the Qwen2.5-VL shape only")
     parser.add_argument("--skip-script", action="store_true", help="skip part 3 (the shipped GPU script)")
     parser.add_argument(
         "--dry-run",
@@ -571,18 +639,19 @@ def main() -> None:
     start = time.perf_counter()
     print_device_memory(args.device, "part 1")
     tiny_world_stages(args.world, args.device, args.steps, [e for e in args.engines.split(",") if e])
-    if not args.skip_3b:
-        print_device_memory(args.device, "part 2")
+    shapes = list(PART2_SHAPES[args.shape].items())[: 1 if args.skip_qwen3_vl else None]
+    for label, shape in [] if args.skip_3b else shapes:
+        print_device_memory(args.device, f"part 2 ({label})")
         # A process of its own: its worker (model, optimizer, process group, CUDA caches) leaves
-        # the device with it, before part 3's vLLM asks for its share of free memory.
+        # the device with it, before the next shape or part 3's vLLM asks for free memory.
         part = multiprocessing.get_context("spawn").Process(
-            target=three_b_shape,
-            args=(args.world, args.device, args.shape, args.batch, args.prompt_len, args.new_tokens),
+            target=shaped_actor,
+            args=(args.world, args.device, label, shape, args.batch, args.prompt_len, args.new_tokens),
         )
         part.start()
         part.join()
         if part.exitcode != 0:
-            print(f"part 2: FAILED (exit {part.exitcode}); its traceback is above")
+            print(f"part 2 ({label}): FAILED (exit {part.exitcode}); its traceback is above")
     if not args.skip_script:
         print_device_memory(args.device, "part 3")
         shipped_script_steps(args.world, args.device, args)

@@ -21,7 +21,10 @@ A checkpoint written by an EasyR1-style trainer (EasyR1, the original Vision-SR1
 shards or plain tensors) with config, tokenizer and processor in its `huggingface/` subfolder. The
 shards are joined along their shard dimension as the DTensor placements say (replicated ones taken
 once); parameter names of older transformers versions ("visual.*", "model.layers.*") are mapped to
-the current ones. These files are unpickled: read only checkpoints you trust.
+the current ones, and tensors whose layout changed under the same name (Qwen3-VL-MoE's expert
+weights, transposed in transformers 5) are transposed when their shape says so, as transformers
+does on load. Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 saves already use the current names
+("model.visual.*", "model.language_model.*"). These files are unpickled: read only checkpoints you trust.
 
 `--hf_upload_path REPO_ID` uploads the merged folder to the Hugging Face Hub afterwards; when the
 Hub cannot be reached (HF_HUB_OFFLINE=1, no network, no login) the command fails with the reason
@@ -247,13 +250,50 @@ def legacy_name_map(model: torch.nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def legacy_layout_map(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(pattern, dim0, dim1) of the parameters whose layout changed between transformers releases
+    without a change of name: transformers transposes such a tensor on load when its saved shape
+    is the transpose of the model's (Qwen3-VL-MoE's `mlp.experts.gate_up_proj` and `down_proj`, saved
+    as (experts, in, out) by transformers 4.x and held as (experts, out, in) since 5.0)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Transpose, WeightConverter
+    except ImportError:
+        return []
+    layouts = []
+    for transform in get_model_conversion_mapping(model):
+        if type(transform) is not WeightConverter or transform.source_patterns != transform.target_patterns:
+            continue
+        if len(transform.operations) == 1 and isinstance(transform.operations[0], Transpose):
+            transpose = transform.operations[0]
+            layouts.extend((pattern, transpose.dim0, transpose.dim1) for pattern in transform.source_patterns)
+    return layouts
+
+
+def to_current_layout(
+    name: str, tensor: torch.Tensor, expected: torch.Size | None, layouts: list[tuple[str, int, int]]
+) -> torch.Tensor:
+    """`tensor` transposed into the model's layout when it is saved in an older one (see
+    `legacy_layout_map`). As in transformers, the shape decides: a square tensor is taken as saved."""
+    if expected is None or tensor.shape == expected:
+        return tensor
+    for pattern, dim0, dim1 in layouts:
+        if re.search(pattern, name) and tensor.dim() > max(dim0, dim1):
+            transposed = tensor.transpose(dim0, dim1)
+            if transposed.shape == expected:
+                return transposed
+    return tensor
+
+
 def read_rank_files(paths: list[str], config_dir: str) -> dict[str, torch.Tensor]:
-    """The full weights of a per-rank save, under the parameter names of `config_dir`'s model."""
+    """The full weights of a per-rank save, under the parameter names (and in the layouts) of
+    `config_dir`'s model."""
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         reference = model_class(config).from_config(config)
     expected_shapes = {name: tensor.shape for name, tensor in reference.state_dict().items()}
     renames = legacy_name_map(reference)
+    layouts = legacy_layout_map(reference)
 
     states = [load_rank_file(path) for path in paths]
     keys = list(states[0])
@@ -281,7 +321,12 @@ def read_rank_files(paths: list[str], config_dir: str) -> dict[str, torch.Tensor
         else:
             if any(isinstance(value, DTensor) for value in values):
                 raise ValueError(f"{paths[0]}: {key} is a plain tensor, but a DTensor in other rank files")
-            full = _join_plain_tensors(key, values, paths, expected_shapes.get(name))
+            whole = expected_shapes.get(name)
+            if whole is not None and to_current_layout(name, values[0], whole, layouts).shape == whole:
+                whole = values[0].shape  # a whole tensor, maybe in an older layout: replicas, not row blocks
+            full = _join_plain_tensors(key, values, paths, whole)
+        # Joined first: the shards split the saved layout's dimensions (FSDP: dim 0, the experts).
+        full = to_current_layout(name, full, expected_shapes.get(name), layouts)
         if name in expected_shapes and full.shape != expected_shapes[name]:
             raise ValueError(
                 f"{key}: merged from {paths[0]} ... {paths[-1]} to shape {tuple(full.shape)}, but the model of "

@@ -112,9 +112,9 @@ def test_16_prompts_x_8_samples_encode_each_prompt_once_on_any_number_of_ranks(d
 
 
 # --- the tiny worker -----------------------------------------------------------------------------
-def make_worker(tiny_world: Path, **actor) -> ActorRolloutRefWorker:
+def make_worker(tiny_world: Path, model: str = "qwen2_5_vl", **actor) -> ActorRolloutRefWorker:
     config = WorkerConfig()
-    config.actor.model.model_path = str(tiny_world / "models" / "qwen2_5_vl")
+    config.actor.model.model_path = str(tiny_world / "models" / model)
     config.actor.micro_batch_size_per_device_for_update = 4
     config.actor.micro_batch_size_per_device_for_experience = 4
     config.ref.micro_batch_size_per_device_for_experience = 4
@@ -131,8 +131,12 @@ def make_worker(tiny_world: Path, **actor) -> ActorRolloutRefWorker:
 
 @pytest.fixture(scope="module")
 def batch(tiny_world) -> DataProto:
+    return build_batch(tiny_world)
+
+
+def build_batch(tiny_world: Path, model: str = "qwen2_5_vl") -> DataProto:
     """Two image prompts and four text-only ones, two samples each: prompt and response lengths differ."""
-    worker = make_worker(tiny_world, logprob_chunk_size=0)
+    worker = make_worker(tiny_world, model, logprob_chunk_size=0)
 
     def dataset(name: str) -> PromptDataset:
         return PromptDataset(
@@ -166,8 +170,8 @@ def batch(tiny_world) -> DataProto:
     return data
 
 
-def run_step(tiny_world: Path, data: DataProto, with_old_pass: bool = True, **actor) -> dict:
-    worker = make_worker(tiny_world, **actor)
+def run_step(tiny_world: Path, data: DataProto, with_old_pass: bool = True, model: str = "qwen2_5_vl", **actor) -> dict:
+    worker = make_worker(tiny_world, model, **actor)
     out = worker.compute_log_probs(data)
     step_input = data.union(out.select(["old_log_probs"])) if with_old_pass else data
     metrics = worker.update_actor(step_input).meta_info["metrics"]
@@ -414,3 +418,27 @@ def test_chunked_log_probs_match_on_the_other_model_families(tiny_world, model):
     mask = data.batch["response_mask"].bool()
     for plain, chunked in zip(results[0], results[5]):
         torch.testing.assert_close(chunked[mask], plain[mask], rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_every_layout_gives_the_plain_step_on_the_qwen3_families(tiny_world, model):
+    # The layouts above, on Qwen3-VL (deepstack features, interleaved rope), its MoE variant (routed
+    # experts) and Qwen3.5 (delta-net layers; no padding-free, refused for that family, and its
+    # update runs the plain path under shared_prompt: see verl/models/families/qwen3_5.py).
+    data = build_batch(tiny_world, model)
+    plain = run_step(tiny_world, data, model=model, logprob_chunk_size=0, dynamic_batching=False, shared_prompt=False)
+    budget = int(data.batch["attention_mask"].sum(-1).max()) * 3
+    dynamic = {"dynamic_batching": True, "max_token_len_per_gpu": budget}
+    layouts = {
+        "chunked": {"logprob_chunk_size": 7},
+        "token budget": {"logprob_chunk_size": 0, **dynamic},
+        "shared prompt": {"logprob_chunk_size": 7, "shared_prompt": True, **dynamic},
+    }
+    if model != "qwen3_5":
+        layouts["padding-free"] = {"logprob_chunk_size": 7, "padding_free": True, **dynamic}
+    mask = data.batch["response_mask"].bool()
+    for name, layout in layouts.items():
+        ours = run_step(tiny_world, data, model=model, **layout)
+        torch.testing.assert_close(ours["log_probs"][mask], plain["log_probs"][mask], rtol=RTOL, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours["entropy"][mask], plain["entropy"][mask], rtol=RTOL, atol=1e-6, msg=name)
+        assert_same_step(ours, plain)

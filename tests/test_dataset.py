@@ -19,6 +19,7 @@ from verl.utils.dataset import (
     PromptDatasetConfig,
     PromptLoader,
     build_messages,
+    image_factor,
     strip_placeholders,
 )
 from verl.utils.sft_dataset import ConversationEncoder, SFTDataset
@@ -56,6 +57,56 @@ def test_digit_sum_prompt_has_image_tokens_and_ground_truth(tiny_world, vl):
     assert item["question"] == "What is the sum of the two digits in the image?"
     assert item["ground_truth"].isdigit()
     assert "digits" in item["extra"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_qwen3_prompts_hold_one_image_token_per_merged_16_pixel_patch_and_the_length_scan_agrees(
+    tiny_world, tmp_path, family
+):
+    """Qwen3's processors cut 16-pixel patches merged 2x2: images snap to a 32-pixel grid (digit_sum's
+    56x28 images become 64x32), each 32x32 block is one `<|image_pad|>`, and the prompt-length scan
+    that filters rows counts exactly the tokens the processor then produces."""
+    tokenizer, processor = load_tokenizer_and_processor(str(tiny_world / "models" / family))
+    assert image_factor(processor) == 32
+    rows = pq.read_table(tiny_world / "data/digit_sum/val.parquet").slice(0, 2).to_pylist()
+    for row in rows:
+        row.pop("digits"), row.pop("source_ids")
+    # Off-grid sizes, one bounded by max_pixels, and two images in one prompt.
+    rows.append({"problem": "<image>Which digit?", "answer": "3", "images": [{"bytes": png(70, 45), "path": None}]})
+    rows.append(
+        {
+            "problem": "<image> and <image>: same?",
+            "answer": "no",
+            "images": [{"bytes": png(300, 90), "path": None}, {"bytes": png(20, 33), "path": None}],
+        }
+    )
+    path = _write(tmp_path, rows)
+
+    def dataset(max_prompt_length: int) -> PromptDataset:
+        config = PromptDatasetConfig(format_prompt=SEE_THINK, max_pixels=128 * 128, max_prompt_length=max_prompt_length)
+        return PromptDataset(path, tokenizer, processor, config)
+
+    ds = dataset(4096)
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image_token == processor.image_token_id
+    lengths = []
+    for item in (ds[i] for i in range(len(ds))):
+        grid = item["multi_modal_inputs"]["image_grid_thw"]
+        assert all(image.width % 32 == 0 and image.height % 32 == 0 for image in item["multi_modal_data"]["images"])
+        assert grid[:, 1:].mul(16).tolist() == [[im.height, im.width] for im in item["multi_modal_data"]["images"]]
+        expected = int(grid.prod(-1).sum()) // processor.image_processor.merge_size**2
+        assert int((item["prompt_ids"] == image_token).sum()) == expected
+        lengths.append(len(item["prompt_ids"]))
+    assert ds[0]["multi_modal_data"]["images"][0].size == (64, 32)
+    # The scan keeps a row exactly when the processor's tokens fit: with a row's own length as the
+    # limit it stays, one token less and it is filtered.
+    for limit in sorted({length - shorter for length in lengths for shorter in (0, 1)}):
+        kept = [i for i, length in enumerate(lengths) if length <= limit]
+        if not kept:
+            with pytest.raises(DataError, match="no usable rows left"):
+                dataset(limit)
+            continue
+        assert dataset(limit).indices == kept, limit
 
 
 def test_build_messages_places_images_at_placeholders():

@@ -3,13 +3,17 @@ forwards against the plain padded path.
 
 Packing (verl.models.packing) concatenates the rows' real tokens into one sequence whose positions
 restart at each row; on CPU transformers turns that into a block-diagonal causal mask for sdpa. On
-the three tiny-world models (Qwen2.5-VL, Qwen2-VL, text Qwen2), with image and text rows of unequal
-prompt and response lengths, the log-probs, the entropy and the gradient of a loss over them equal
-the padded path's within 1e-5 relative (fp32; only summation order differs).
+the tiny-world models (Qwen2.5-VL, Qwen2-VL, text Qwen2, Qwen3-VL, Qwen3-VL-MoE), with image and
+text rows of unequal prompt and response lengths, the log-probs, the entropy and the gradient of a
+loss over them equal the padded path's within 1e-5 relative (fp32; only summation order differs).
 
 Shared-prompt forwards encode each group's prompt once and run its responses against the prompt's
 key/value cache; on groups of 3 samples per prompt (image and text prompts) the same quantities
 equal the plain path's. The full worker steps are compared in tests/test_actor_throughput.py.
+
+Qwen3.5 (gated delta-net linear attention) differs on both paths: packed rows leak state into each
+other, so padding-free is refused at config load; shared prompts hold without gradients only, so
+its update takes the plain path (both measured below).
 """
 
 from pathlib import Path
@@ -18,12 +22,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from verl.models.families import family_of
 from verl.models.loading import load_tokenizer_and_processor
 from verl.models.packing import pack_rows
 from verl.models.shared_prompt import prompt_groups
 from verl.protocol import DataProto
+from verl.utils.config import ConfigError
 from verl.utils.dataset import PromptDataset, PromptDatasetConfig, collate_prompts
-from verl.workers.actor.dp_actor import count_prompt_forwards, forward_response_log_probs
+from verl.workers.actor.dp_actor import DataParallelActor, count_prompt_forwards, forward_response_log_probs
+from verl.workers.config import ActorConfig
 from verl.workers.rollout.base import rollout_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +78,7 @@ def test_pack_rows_refuses_layouts_it_cannot_map_back():
         pack_rows(ids, (ids != 0).long(), torch.zeros_like(ids), response_length=2)
 
 
-# --- the three tiny-world models ---------------------------------------------------------------
+# --- the tiny-world models ---------------------------------------------------------------------
 def mixed_batch(tiny_world: Path, model_name: str, model: torch.nn.Module, samples: int = 1) -> DataProto:
     """Prompts of unequal lengths (images and text for Qwen-VL), random responses of unequal lengths;
     `samples` adjacent rows per prompt, as a rollout lays out a group."""
@@ -127,7 +134,18 @@ def assert_same(ours: tuple, plain: tuple, mask: torch.Tensor) -> None:
         assert error < RTOL, f"{name}: relative gradient error {error:.2e}"
 
 
-@pytest.mark.parametrize("model_name", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
+MODELS = ["qwen2_5_vl", "qwen2_vl", "qwen2_text", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"]
+PADDING_FREE_REFUSED = pytest.mark.skip(
+    reason="Qwen3.5 padding-free is refused at config load: test_qwen3_5_packed_rows_leak_state_so_padding_free_is_refused"
+)
+SHARED_PROMPT_NO_GRAD = pytest.mark.skip(
+    reason="Qwen3.5's update takes the plain path: test_qwen3_5_shares_prompts_without_gradients_only"
+)
+
+
+@pytest.mark.parametrize(
+    "model_name", [pytest.param(m, marks=PADDING_FREE_REFUSED) if m == "qwen3_5" else m for m in MODELS]
+)
 @pytest.mark.parametrize("chunk_size", [0, 5])
 def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_path(tiny_world, model_name, chunk_size):
     model = load(tiny_world, model_name)
@@ -139,7 +157,9 @@ def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_path(tiny
     assert (packed[0][~mask] == 0).all() and (packed[1][~mask] == 0).all()
 
 
-@pytest.mark.parametrize("model_name", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
+@pytest.mark.parametrize(
+    "model_name", [pytest.param(m, marks=SHARED_PROMPT_NO_GRAD) if m == "qwen3_5" else m for m in MODELS]
+)
 @pytest.mark.parametrize("chunk_size", [0, 5])
 def test_shared_prompt_log_probs_entropy_and_gradients_equal_the_plain_path(tiny_world, model_name, chunk_size):
     model = load(tiny_world, model_name)
@@ -148,6 +168,73 @@ def test_shared_prompt_log_probs_entropy_and_gradients_equal_the_plain_path(tiny
     plain = log_probs_entropy_and_gradients(model, data, chunk_size)
     shared = log_probs_entropy_and_gradients(model, data, chunk_size, shared_prompt=True)
     assert_same(shared, plain, mask)
+
+
+# --- Qwen3.5: gated delta-net layers (verl/models/families/qwen3_5.py) -------------------------
+def test_qwen3_5_packed_rows_leak_state_so_padding_free_is_refused(tiny_world):
+    """Why the family refuses padding-free: the first packed row equals the padded path, every row
+    after it differs (the recurrent state runs on across the row boundary), and the config check
+    refuses `worker.actor.padding_free` for this model."""
+    model = load(tiny_world, "qwen3_5")
+    data = mixed_batch(tiny_world, "qwen3_5", model)
+    mask = data.batch["response_mask"].bool()
+    with torch.no_grad():
+        padded, _, _ = forward_response_log_probs(model, data, temperature=0.9, chunk_size=0, with_entropy=False)
+        packed, _, _ = forward_response_log_probs(
+            model, data, temperature=0.9, chunk_size=0, with_entropy=False, padding_free=True
+        )
+    torch.testing.assert_close(packed[0][mask[0]], padded[0][mask[0]], rtol=RTOL, atol=1e-6)
+    for row in range(1, len(data)):
+        assert (packed[row][mask[row]] - padded[row][mask[row]]).abs().max() > 1e-4, f"row {row} did not leak"
+    config = ActorConfig(padding_free=True)
+    config.model.model_path = str(tiny_world / "models" / "qwen3_5")
+    with pytest.raises(ConfigError, match=r"Qwen3\.5 \(qwen3_5\) cannot take `worker\.actor\.padding_free`"):
+        config.check_family("worker.actor")
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_qwen3_5_shares_prompts_without_gradients_only(tiny_world, chunk_size):
+    """No-grad shared-prompt passes (old and reference log-probs) equal the plain path; with
+    gradients the prompt cache's in-place state update breaks autograd, which is why the family
+    says `shared_prompt_under_autograd=False`."""
+    model = load(tiny_world, "qwen3_5")
+    data = mixed_batch(tiny_world, "qwen3_5", model, samples=3)
+    mask = data.batch["response_mask"].bool()
+    with torch.no_grad():
+        plain = forward_response_log_probs(model, data, temperature=0.9, chunk_size=chunk_size, with_entropy=True)
+        shared = forward_response_log_probs(
+            model, data, temperature=0.9, chunk_size=chunk_size, with_entropy=True, shared_prompt=True
+        )
+    torch.testing.assert_close(shared[0][mask], plain[0][mask], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(shared[1][mask], plain[1][mask], rtol=RTOL, atol=1e-6)
+    assert not family_of(model.config).shared_prompt_under_autograd
+    log_probs, _, _ = forward_response_log_probs(
+        model, data, temperature=0.9, chunk_size=chunk_size, with_entropy=False, shared_prompt=True
+    )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (log_probs * mask).sum().backward()
+
+
+def test_qwen3_5_update_with_shared_prompts_takes_the_plain_path(tiny_world):
+    """An actor configured to share prompts updates Qwen3.5 as the plain actor does (same loss,
+    gradient norm and weights after the step) instead of failing in the backward, while its
+    log-prob pass still encodes each of the 5 prompts once for its 15 rows."""
+    data = mixed_batch(tiny_world, "qwen3_5", load(tiny_world, "qwen3_5"), samples=3)
+    data.batch["advantages"] = torch.linspace(-1.0, 1.0, len(data))[:, None] * data.batch["response_mask"]
+    results = {}
+    for shared in (True, False):
+        model = load(tiny_world, "qwen3_5")
+        config = ActorConfig(shared_prompt=shared, use_kl_loss=False, micro_batch_size_per_device_for_update=6)
+        actor = DataParallelActor(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+        actor.compute_log_probs(data, temperature=0.9, micro_batch_size=15)
+        forwards = actor.prompt_forwards
+        metrics = actor.update_policy(data, temperature=0.9, mini_batch_size=len(data))
+        results[shared] = (forwards, metrics, {name: p.detach().clone() for name, p in model.named_parameters()})
+    assert results[True][0] == 5 and results[False][0] == 15
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy"):
+        assert results[True][1][key] == pytest.approx(results[False][1][key], rel=RTOL), key
+    for name, weight in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], weight, rtol=RTOL, atol=1e-7, msg=name)
 
 
 def test_shared_prompt_forwards_of_groups_cut_across_micro_batches_equal_the_plain_path(tiny_world):

@@ -212,12 +212,16 @@ def test_engine_process_parts_merge_once_each_after_a_crash(tmp_path):
     assert part_files(str(path)) == [] and (tmp_path / "bench.jsonl.partial").exists()
 
 
-def test_eval_script_answers_as_the_trainers_validation_does(tiny_world, tmp_path):
+# Qwen3-VL's case is slow-tier: its positions, sampler log-probs and sizing are checked in the default
+# tier by tests/test_positions.py, tests/test_rollout_actor.py and tests/test_dataset.py.
+@pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+def test_eval_script_answers_as_the_trainers_validation_does(tiny_world, tmp_path, family):
     """The evaluation script on the tiny world, with its default image bounds (the processor's), gives
     row for row the answers and grades the trainer's validation gives on the same rows: the same
     prompts, images and greedy decoding. (A fixed min_pixels of 262144 upscaled the 56x28 scans into
-    64 image tokens instead of 2, and a cold start that scored 0.305 in validation scored 0.000.)"""
-    model = str(tiny_world / "models/qwen2_5_vl")
+    64 image tokens instead of 2, and a cold start that scored 0.305 in validation scored 0.000.) Qwen3-VL
+    sizes its images on 32-pixel tokens, where Qwen2.5-VL uses 28."""
+    model = str(tiny_world / "models" / family)
     val = str(tiny_world / "data/digit_sum/val.parquet")
     generations = tmp_path / "val_generations.jsonl"
     subprocess.run(

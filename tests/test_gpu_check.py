@@ -31,6 +31,24 @@ def test_dry_run_checks_the_shipped_scripts_exact_command(tiny_world):
     assert "rollout vllm, n=8, tp=1, max_num_batched_tokens=15000, prompt+response=12800+512" in result.stdout
 
 
+def test_part_2s_qwen3_vl_shape_is_the_8b_models(tiny_world, monkeypatch):
+    """Part 2's Qwen3-VL-8B shape written over the tiny Qwen3-VL's config, built on the meta device: the
+    8.77 B parameters Qwen3-VL-8B's model card states (its LM head untied), one deepstack merger per
+    source block, and the FLOP count reading the attention width from head_dim."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_check
+
+    config = gpu_check.shaped_config(tiny_world, gpu_check.QWEN3_VL_8B)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.77
+    assert len(model.model.visual.deepstack_merger_list) == 3
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+
+
 # --- vLLM's own checks on part 3's engine (vllm_cpu tier) ----------------------------------------
 try:
     import vllm  # noqa: F401
@@ -67,7 +85,7 @@ def test_the_tiny_configs_context_fails_vllms_length_check(tiny_world, tmp_path,
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import gpu_check
 
-    shape = {"text": {**gpu_check.SMALL["text"], "max_position_embeddings": 4096}, "vision": gpu_check.SMALL["vision"]}
+    shape = {**gpu_check.SMALL, "text": {**gpu_check.SMALL["text"], "max_position_embeddings": 4096}}
     gpu_check.write_model_config(tiny_world, shape, tmp_path / "model")
     rollout = RolloutConfig(name="vllm", max_num_batched_tokens=15000, prompt_length=12800, response_length=512)
     assert not gpu_check.vllm_engine_check({"worker": {"rollout": asdict(rollout)}}, tmp_path / "model")

@@ -3,7 +3,9 @@
 The actor trains only its adapters; the reference policy is the same module with the adapters off
 and equals a separately loaded base model; the hf engine samples from the adapted model; two FSDP2
 workers (gloo) compute what one does; a checkpoint holds the adapter in peft's format and resumes
-exactly; the merger's Hugging Face folder gives the trained model's logits.
+exactly; the merger's Hugging Face folder gives the trained model's logits. On each vision family
+(Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5) the default adapters reach the text layers and not
+the vision tower, and the merged weights are the base weights plus the adapters' delta.
 """
 
 import importlib.util
@@ -17,14 +19,15 @@ import torch.multiprocessing as mp
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from verl.protocol import SamplingParams
+from verl.protocol import DataProto, SamplingParams
 from verl.utils.config import ConfigError
-from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader
+from verl.utils.dataset import PromptDataset, PromptDatasetConfig, PromptLoader, collate_prompts
 from verl.utils.network import free_port
 from verl.workers import lora
 from verl.workers.actor.dp_actor import forward_response_logits
 from verl.workers.config import WorkerConfig
 from verl.workers.fsdp_worker import ActorRolloutRefWorker
+from verl.workers.rollout.base import rollout_output
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("model_merger", ROOT / "scripts" / "model_merger.py")
@@ -34,9 +37,9 @@ spec.loader.exec_module(model_merger)
 LOGITS_ATOL = 1e-5  # fp32 on CPU: merged and adapted layers differ only in summation order
 
 
-def worker_config(tiny_world: Path, rank: int = 4) -> WorkerConfig:
+def worker_config(tiny_world: Path, rank: int = 4, model_name: str = "qwen2_5_vl") -> WorkerConfig:
     config = WorkerConfig()
-    config.actor.model.model_path = str(tiny_world / "models" / "qwen2_5_vl")
+    config.actor.model.model_path = str(tiny_world / "models" / model_name)
     config.actor.model.lora.rank = rank
     config.actor.model.lora.alpha = 8
     config.actor.optim.lr = 1e-2  # visible changes after one step
@@ -236,6 +239,77 @@ def test_a_lora_cold_start_feeds_a_lora_rl_run(tiny_world, batch, tmp_path):
     torch.testing.assert_close(response_logits(rl.model, batch), expected, atol=0, rtol=0)
     base = make_worker(tiny_world, rank=0, need_ref=False)
     assert (response_logits(base.model, batch) - expected).abs().max() > 1e-3, "the SFT step should have trained"
+
+
+# --- every vision family -------------------------------------------------------------------------
+# The layers the default target ("all-linear": every nn.Linear but the output head) adapts in each
+# family's first text layer. Qwen3.5's first layer is a gated delta-net one (its projections are
+# linear; its causal conv1d is not); Qwen3-VL-MoE's experts are fused 3-D parameters and its router
+# a bare weight, neither an nn.Linear, so only its attention gets adapters (see
+# verl/models/families/qwen3_vl.py).
+FIRST_LAYER_ADAPTED = {
+    "qwen2_5_vl": {"self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    | {"mlp." + p for p in ("gate_proj", "up_proj", "down_proj")},
+    "qwen3_vl": {"self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    | {"mlp." + p for p in ("gate_proj", "up_proj", "down_proj")},
+    "qwen3_vl_moe": {"self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "qwen3_5": {"linear_attn." + p for p in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")}
+    | {"mlp." + p for p in ("gate_proj", "up_proj", "down_proj")},
+}
+
+
+def family_batch(tiny_world: Path, worker: ActorRolloutRefWorker) -> DataProto:
+    """Two image prompts and one text prompt with fixed random responses."""
+    config = PromptDatasetConfig(format_prompt=str(ROOT / "examples/format_prompt/see_think.jinja"))
+    images = PromptDataset(str(tiny_world / "data/digit_sum/val.parquet"), worker.tokenizer, worker.processor, config)
+    texts = PromptDataset(str(tiny_world / "data/text_sum/val.parquet"), worker.tokenizer, worker.processor, config)
+    prompts = collate_prompts([images[0], texts[0], images[1]], worker.tokenizer.pad_token_id)
+    mask = (torch.arange(8)[None, :] < torch.tensor([[8], [5], [3]])).long()
+    responses = torch.randint(3, 200, mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(mask == 0, 0)
+    return rollout_output(worker.model, prompts, responses, mask, None, {})
+
+
+@pytest.mark.parametrize("model_name", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_default_adapters_reach_every_familys_text_layers_and_merge_into_base_plus_delta(tiny_world, model_name):
+    worker = ActorRolloutRefWorker(worker_config(tiny_world, model_name=model_name), "cpu", need_ref=False, seed=0)
+    worker.init_model()
+    model = worker.model
+    adapted = {name for name, module in model.named_modules() if hasattr(module, "base_layer")}
+    # The vision tower (Qwen3's deepstack mergers included) keeps no adapter and nothing there trains.
+    assert adapted and not any("visual" in name for name in adapted)
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "visual" in name)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_world / "models" / model_name)
+    linear = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "visual" not in n}
+    assert adapted == linear - {"lm_head"}, "all-linear adapts every linear layer of the text model"
+    first = {name.split(".layers.0.")[1] for name in adapted if ".language_model.layers.0." in name}
+    assert first == FIRST_LAYER_ADAPTED[model_name]
+    if model_name == "qwen3_5":  # its full-attention layers are adapted too
+        assert any(name.endswith("self_attn.q_proj") for name in adapted)
+
+    # Trained adapters (B starts at zero): merged weights are the base weights plus (alpha / rank) B A.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    merged = dict(lora.merged_weights(model))
+    base_weights = dict(base.named_parameters())
+    assert merged.keys() == base_weights.keys()
+    scaling = worker.config.actor.model.lora.alpha / worker.config.actor.model.lora.rank
+    for name in adapted:
+        layer = model.get_submodule(name)
+        delta = scaling * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(merged[f"{name}.weight"], base_weights[f"{name}.weight"] + delta, msg=name)
+    for name, weight in merged.items():
+        if name.rpartition(".")[0] not in adapted:
+            assert torch.equal(weight, base_weights[name]), f"{name} is not adapted but changed"
+    # A plain model holding the merged weights (what the vLLM engine receives) computes the adapted model's logits.
+    batch = family_batch(tiny_world, worker)
+    adapted_logits = response_logits(model, batch)
+    assert (response_logits(base, batch) - adapted_logits).abs().max() > 1e-3, "the adapters should move the logits"
+    loaded = base.load_state_dict(merged, strict=False)
+    assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}  # tied to the embedding
+    torch.testing.assert_close(response_logits(base, batch), adapted_logits, atol=LOGITS_ATOL, rtol=0)
 
 
 # --- two FSDP2 workers (gloo) against one -----------------------------------------------------

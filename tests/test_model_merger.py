@@ -3,6 +3,8 @@ Hugging Face folders whose logits, loaded with plain transformers, equal those o
 
 import importlib.util
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -142,3 +144,41 @@ def test_merged_one_worker_save_gives_the_saving_actors_logits(tiny_world, train
 def test_a_folder_that_is_no_checkpoint_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         model_merger.merge_checkpoint(str(tmp_path))
+
+
+# A transformers-4.x layout in EasyR1-style saves: Qwen3-VL-MoE's fused expert weights were
+# (experts, in, out); transformers 5 holds them as (experts, out, in) under the same names.
+OLDER_EXPERT_LAYOUT = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_a_qwen3_rank_file_save_merges_with_its_names_and_expert_layout(tiny_world, tmp_path, family):
+    """An EasyR1-style one-rank save of a Qwen3 family (the current `model.visual.*` and
+    `model.language_model.*` names; the MoE's experts in the older layout) merges into a folder that
+    transformers loads with the saved weights."""
+    model_dir = tiny_world / "models" / family
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # weights no file on disk holds
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    expected = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    assert any(name.startswith("model.visual.") for name in expected)
+    assert any(name.startswith("model.language_model.layers.") for name in expected)
+
+    saved, transposed = dict(expected), []
+    for name, tensor in expected.items():
+        # Square ones (the tiny model's down_proj) look alike in both layouts: transformers, and the
+        # merger, take them as saved, so only the others are written in the older layout.
+        if OLDER_EXPERT_LAYOUT.search(name) and tensor.shape[1] != tensor.shape[2]:
+            saved[name] = tensor.transpose(1, 2).contiguous()
+            transposed.append(name)
+    assert bool(transposed) == (family == "qwen3_vl_moe")
+    actor = tmp_path / "actor"
+    shutil.copytree(model_dir, actor / "huggingface", ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.save(saved, actor / "model_world_size_1_rank_0.pt")
+
+    target = model_merger.merge_checkpoint(str(actor), str(tmp_path / "merged"))
+    merged = AutoModelForImageTextToText.from_pretrained(target).state_dict()
+    assert sorted(merged) == sorted(expected)
+    assert all(torch.equal(merged[name], tensor) for name, tensor in expected.items())

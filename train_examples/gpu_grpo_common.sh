@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared body of the GPU training scripts (1-*, 2-*, 3-*). Not meant to be called directly.
+# Shared body of the GPU training scripts (1-*, 2-*, 3-*, qwen3*). Not meant to be called directly.
 # Every value is the original Vision-SR1 run's (its train_examples/*.sh and *_config.yaml) unless a
 # comment gives the reason it differs. Every value can be overridden by an environment variable of
 # the same name; extra arguments are config overrides (key=value).
@@ -38,6 +38,7 @@ MICRO_BATCH_EXPERIENCE=${MICRO_BATCH_EXPERIENCE:-$micro_experience}
 # TENSOR_PARALLEL_SIZE 1, not the original's 2: TP 2 (two workers per engine) is checked on CPU only so far; set it to 2 for the original's.
 # MAX_MODEL_LEN null (prompt + response = 14848), not the original's 8192: vLLM refuses 8192..12800-token prompts.
 # MAX_NUM_BATCHED_TOKENS 15000 as the original: without chunked prefill vLLM needs it >= max_model_len.
+# ENABLE_CHUNKED_PREFILL false as the original; the Qwen3.5 script turns it on (vLLM needs it for hybrid models).
 # worker.ref.offload.offload_params: the original's FSDP CPU offload of the reference model.
 # worker.actor.offload.offload_during_generation (not in the original): the actor waits on the CPU while vLLM
 #   generates, as in EasyR1 and verl, so the KV cache gets its memory (OFFLOAD_DURING_GENERATION=false keeps it).
@@ -89,7 +90,7 @@ fi
   worker.rollout.max_num_batched_tokens="${MAX_NUM_BATCHED_TOKENS:-15000}" \
   worker.rollout.max_model_len="${MAX_MODEL_LEN:-null}" \
   worker.rollout.enforce_eager=false \
-  worker.rollout.enable_chunked_prefill=false \
+  worker.rollout.enable_chunked_prefill="${ENABLE_CHUNKED_PREFILL:-false}" \
   worker.rollout.limit_images=0 \
   worker.rollout.val_temperature=0.0 \
   worker.rollout.val_n=1 \

@@ -13,7 +13,9 @@
 # of CPU, is never run just to check a config; a missing model or data file is found by the run.
 #
 # TINY_WORLD   the tiny world (default: tiny_world)
-# COLD_START   the cold-start model (default: $TINY_WORLD/cold_start/model)
+# MODEL_FAMILY the tiny model family: qwen2_5_vl (default: it learns best here), qwen2_vl, qwen3_vl,
+#              qwen3_vl_moe or qwen3_5; its cold start goes to $TINY_WORLD/cold_start_<family>
+# COLD_START   the cold-start model (default: $TINY_WORLD/cold_start/model, or .../cold_start_<family>/model)
 # RUN_DIR      checkpoints, metrics and the PNG (default: checkpoints/vision_sr1/tiny_self_reward)
 # PYTHON       interpreter (default: the repository's .venv/bin/python, else python3)
 set -euo pipefail
@@ -22,7 +24,12 @@ source scripts/shell_common.sh
 exit_with_help_if_asked train_examples/tiny_selfReward_train.sh -- "$@"
 
 TINY_WORLD=${TINY_WORLD:-tiny_world}
-COLD_START=${COLD_START:-$TINY_WORLD/cold_start/model}
+MODEL_FAMILY=${MODEL_FAMILY:-qwen2_5_vl}
+case "$MODEL_FAMILY" in
+  qwen2_5_vl) COLD_START=${COLD_START:-$TINY_WORLD/cold_start/model} ;;
+  qwen2_vl | qwen3_vl | qwen3_vl_moe | qwen3_5) COLD_START=${COLD_START:-$TINY_WORLD/cold_start_$MODEL_FAMILY/model} ;;
+  *) echo "MODEL_FAMILY must be qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe or qwen3_5, not '$MODEL_FAMILY'" >&2; exit 2 ;;
+esac
 RUN_DIR=${RUN_DIR:-checkpoints/vision_sr1/tiny_self_reward}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} HF_HUB_OFFLINE=1
 check_only=false
@@ -36,7 +43,7 @@ if [[ ! -f "$TINY_WORLD/manifest.json" ]]; then
   fi
 fi
 if [[ ! -f "$COLD_START/config.json" ]]; then
-  cold_start_env=(TINY_WORLD="$TINY_WORLD" COLD_START_DIR="$(dirname "$COLD_START")")
+  cold_start_env=(TINY_WORLD="$TINY_WORLD" MODEL_FAMILY="$MODEL_FAMILY" COLD_START_DIR="$(dirname "$COLD_START")")
   if $check_only; then
     echo "a run would first train the cold-start model $COLD_START:" \
       "${cold_start_env[*]} bash train_examples/0-tiny_coldstart_sft.sh; checking its config" \

@@ -17,6 +17,8 @@ from transformers import (
     ProcessorMixin,
 )
 
+from verl.models.families import family_of
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,18 +102,27 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def freeze_vision_parts(model: torch.nn.Module, freeze_tower: bool, freeze_projector: bool) -> bool:
-    """Stop gradients into the vision encoder (patch embedding and blocks) and/or its projector
-    (Qwen-VL's `visual.merger`). Returns False for a text-only model, which has neither."""
+    """Stop gradients into the vision encoder (patch embedding, position table and blocks) and/or
+    its projectors: the tower's children that map vision features into the text model, which the
+    model's family names (`projector_modules`: Qwen-VL's `merger`, plus Qwen3-VL's
+    `deepstack_merger_list`). Returns False for a text-only model, which has neither."""
     visual = vision_tower(model)
     if visual is None:
         return False
-    projector = getattr(visual, "merger", None)
-    if projector is None:
-        raise ValueError(f"{type(visual).__name__} has no `merger` submodule; cannot tell the projector apart")
+    family = family_of(model.config)
+    projectors = [getattr(visual, name, None) for name in family.projector_modules]
+    missing = [name for name, module in zip(family.projector_modules, projectors) if module is None]
+    if missing or not projectors:
+        raise ValueError(
+            f"{type(visual).__name__} ({family.title}) lacks the projector submodules {missing or '(none listed)'} "
+            "its family names (verl/models/families/); cannot tell the projector apart from the tower"
+        )
     if freeze_projector:
-        projector.requires_grad_(False)
+        for projector in projectors:
+            projector.requires_grad_(False)
     if freeze_tower:
+        projector_ids = {id(projector) for projector in projectors}
         for child in visual.children():
-            if child is not projector:
+            if id(child) not in projector_ids:
                 child.requires_grad_(False)
     return True

@@ -96,7 +96,9 @@ def shared_prompt_hidden(
                 f"{type(model).__name__} returned no key/value cache (gradient checkpointing in training drops it); "
                 "shared-prompt forwards need it"
             )
-        cache.batch_select_indices(index)
+        # `reorder_cache` (beam search's row selection) covers every layer kind, the linear-attention
+        # layers' convolution and recurrent states included; `batch_select_indices` skips those.
+        cache.reorder_cache(index)
         model(
             input_ids=input_ids[:, prompt_length:],
             attention_mask=attention_mask,

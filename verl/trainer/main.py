@@ -3,9 +3,10 @@
 Merges the config (defaults < YAML < command line), checks it, then builds data, reward function,
 workers and the trainer, and runs `fit()`.
 
-With `--check-config` it stops after the checks that need no model, data or devices (the config's
-keys and rules, the reward function, the rollout engine's name, the self-reward template) and prints
-the resolved config as JSON: a multi-hour GPU run can be checked in seconds on any machine.
+With `--check-config` it stops after the checks that need no model weights, data or devices (the
+config's keys and rules, the reward function, the rollout engine's name, the self-reward template,
+and, when the model folder is here, the paths its family takes, read from its config.json) and
+prints the resolved config as JSON: a multi-hour GPU run can be checked in seconds on any machine.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def build_trainer(config: PPOConfig):
         None if config.trainer.val_only else model_cfg.model_path,
         {"data.train_files": [data.train_files], "data.val_files": [data.val_files] if data.val_files else []},
     )
+    # From the model's config.json only: a path its family refuses stops the run before any weights load.
+    config.worker.actor.check_family("worker.actor")
     reward_fn = load_reward_function(
         "worker.reward.reward_function",
         reward_cfg.reward_function,
@@ -165,15 +168,22 @@ def check_reward_keys(config: PPOConfig, reward_fn: Any, first_row: dict[str, An
 
 
 def check_ppo_config(config: PPOConfig) -> str:
-    """What a GRPO run would find wrong before its first step, found without loading a model, data or
-    devices: the reward functions load and fit their arguments, the self-reward stage has its template. Same constructors as `build_trainer`, so the checks cannot
-    drift from the run. Returns a one-line summary; raises ConfigError naming the key."""
+    """What a GRPO run would find wrong before its first step, found without loading model weights,
+    data or devices: the reward functions load and fit their arguments, the self-reward stage has
+    its template, and the model's family takes the actor's paths (read from its config.json when
+    `worker.actor.model.model_path` is a folder here; a hub id or a folder of another machine is
+    checked when the run starts). Same constructors as `build_trainer`, so the checks cannot drift
+    from the run. Returns a one-line summary; raises ConfigError naming the key."""
     import re
 
     from jinja2 import TemplateError
 
     from verl.trainer.self_reward import SelfRewardStage
 
+    model_path = config.worker.actor.model.model_path
+    family = None
+    if os.path.isfile(os.path.join(model_path, "config.json")):
+        family = config.worker.actor.check_family("worker.actor")
     # The rollout engine's name is checked at load against the engine registry (RolloutConfig.check).
     reward_cfg = config.worker.reward
     reward_fn = load_reward_function(
@@ -191,6 +201,7 @@ def check_ppo_config(config: PPOConfig) -> str:
     run = config.trainer
     return (
         f"{run.worker_backend} backend, {run.nnodes} node(s) x {run.n_gpus_per_node} worker(s), "
+        f"model family {family.name if family else 'not checked (no model folder here)'}, "
         f"rollout {config.worker.rollout.name}, reward {reward_cfg.reward_function}, "
         f"self-reward stage {'on' if stage.active else 'off'}"
     )

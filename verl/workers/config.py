@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from verl.algorithms.core_algos import LOSS_AGG_MODES, POLICY_LOSSES
+from verl.models.families import FamilyPathError, ModelFamily, family_of_path
 from verl.models.loading import ATTN_IMPLEMENTATIONS, DTYPES
 from verl.reward.function import BAD_SAMPLE_POLICIES, REWARD_TYPES
-from verl.utils.config import require, require_choice, require_size
+from verl.utils.config import ConfigError, require, require_choice, require_size
 from verl.workers.optimizer import LR_SCHEDULES, OPTIMIZERS
 from verl.workers.rollout import ROLLOUT_ENGINES
 
@@ -181,11 +182,13 @@ class ActorConfig:
     update); the values and the gradient are those of the padded path. Pays off with
     model.attn_implementation=flash_attention_2 (variable-length kernels on GPU); with sdpa or eager
     the rows share one block-diagonal mask whose cost grows with the square of the micro-batch's
-    token count, so keep it off there or bound micro-batches by dynamic_batching."""
+    token count, so keep it off there or bound micro-batches by dynamic_batching. Refused at config
+    load for Qwen3.5, whose delta-net layers would carry state across packed rows."""
     shared_prompt: bool | None = None
     """Encode each GRPO group's prompt (vision tower included) once per micro-batch and run its
     responses against the prompt's key/value cache, in the old/ref log-prob passes and in the
-    update (the update only without gradient checkpointing, which drops caches). Values and
+    update (the update only without gradient checkpointing, which drops caches, and not for Qwen3.5,
+    whose cache updates its delta-net state in place where autograd cannot follow). Values and
     gradients equal the plain path's. Costs a key/value cache of rows x (prompt + response) tokens
     for every layer. Not together with padding_free. null (default): on unless padding_free is.
     Groups are kept whole across workers and micro-batches: micro-batches hold as many whole groups
@@ -243,6 +246,24 @@ class ActorConfig:
         )
         self.optim.check(f"{prefix}.optim")
         self.fsdp.check(f"{prefix}.fsdp")
+
+    def check_family(self, prefix: str) -> ModelFamily:
+        """The check that reads the model's config.json (never its weights): the model's family
+        (verl/models/families/) takes every path this config turns on. Returns the family; raises
+        ConfigError naming the family and the key (`{prefix}.padding_free`, ...)."""
+        model_key = f"{prefix}.model.model_path"
+        try:
+            family = family_of_path(self.model.model_path, self.model.trust_remote_code)
+        except FamilyPathError as exc:  # a vision-language model no family describes
+            raise ConfigError(f"config key `{model_key}`: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config key `{model_key}`: cannot read the model's config.json: {exc}") from None
+        try:
+            # The reference pass runs with the actor's config, so these keys cover it too.
+            family.check_paths(key_prefix=prefix, padding_free=self.padding_free, shared_prompt=self.shares_prompts)
+        except FamilyPathError as exc:
+            raise ConfigError(str(exc)) from None
+        return family
 
 
 @dataclass
@@ -365,7 +386,8 @@ class SFTModelConfig(ModelConfig):
     freeze_vision_tower: bool = True
     """Keep the vision encoder (patch embedding and blocks) fixed, as the original cold start did."""
     freeze_projector: bool = True
-    """Keep the vision-to-language projector (Qwen-VL's patch merger) fixed, as the original cold start did."""
+    """Keep the vision-to-language projectors fixed (Qwen-VL's patch merger; Qwen3-VL's deepstack
+    mergers too), as the original cold start did."""
 
     def check(self, prefix: str) -> None:
         super().check(prefix)

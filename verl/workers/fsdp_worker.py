@@ -78,6 +78,9 @@ class ActorRolloutRefWorker:
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> dict[str, int]:
         model_cfg = self.config.actor.model
+        # The trainers check this at config load; a worker built by other code must not train a
+        # family on a path it refuses (Qwen3.5 padding-free would mix rows' states silently).
+        self.config.actor.check_family("worker.actor")
         torch.manual_seed(self.seed)
         self.tokenizer, self.processor = load_tokenizer_and_processor(
             model_cfg.tokenizer_path or model_cfg.model_path, model_cfg.trust_remote_code

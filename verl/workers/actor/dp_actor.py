@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from verl.algorithms import core_algos
+from verl.models.families import family_of
 from verl.models.logprobs import chunked_log_probs, lm_head_logits, response_log_probs, selected_log_probs
 from verl.models.multimodal import batch_multimodal_inputs, reset_rope_cache
 from verl.models.packing import PackedRows, pack_rows
@@ -283,8 +284,8 @@ class DataParallelActor:
                 f"mini-batches of {mini_batch_size}: compute old_log_probs first"
             )
         self.model.train()
-        # Whole groups in a micro-batch only where the update shares prompts (see _accumulate_micro_batch).
-        keep_groups = cfg.shares_prompts and not _uses_gradient_checkpointing(self.model)
+        # Whole groups in a micro-batch only where the update shares prompts.
+        keep_groups = self._update_shares_prompts()
         metrics: dict[str, list[float]] = defaultdict(list)
         response_length = data.batch["responses"].shape[1]
         for _ in range(cfg.ppo_epochs):
@@ -312,6 +313,18 @@ class DataParallelActor:
             for key, values in metrics.items()
         }
 
+    def _update_shares_prompts(self) -> bool:
+        """Whether the update's forwards (with gradients) share prompts: as configured, unless
+        gradient checkpointing is on (transformers drops key/value caches under it in training) or
+        the model's family cannot differentiate through its prompt cache (Qwen3.5's cache updates
+        the linear-attention state in place); those run the plain path, while the no-grad passes
+        (old and reference log-probs) still share prompts."""
+        return (
+            self.config.shares_prompts
+            and not _uses_gradient_checkpointing(self.model)
+            and family_of(self.model.config).shared_prompt_under_autograd
+        )
+
     def _accumulate_micro_batch(self, micro: DataProto, temperature: float, agg: dict[str, float]) -> dict[str, float]:
         cfg = self.config
         mask = micro.batch["response_mask"].float()
@@ -324,8 +337,7 @@ class DataParallelActor:
             with_entropy=True,
             keep_logits=full_kl,
             padding_free=cfg.padding_free,
-            # Transformers drops key/value caches under gradient checkpointing in training.
-            shared_prompt=cfg.shares_prompts and not _uses_gradient_checkpointing(self.model),
+            shared_prompt=self._update_shares_prompts(),
         )
         device = log_probs.device
         mask = mask.to(device)

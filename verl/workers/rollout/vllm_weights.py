@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from verl.models.families import family_of
 from verl.workers import lora
 
 # The worker-side loader below uses vLLM's in-place reload helpers, whose home and signatures are
@@ -50,7 +51,22 @@ def actor_weights(
     generate) would need the adapter re-registered under a new id after every update, caps the rank
     at `max_lora_rank`, and adds the low-rank product at every forward; merging costs one small
     matmul per adapted layer per sync.
+
+    Where vLLM's loader for the model's family expects another layout than transformers keeps in
+    memory, the family's `vllm_weight_layout` rewrites the stream (Qwen3-VL-MoE's fused experts are
+    transposed back to the released checkpoints' layout; Qwen3.5 also sends its tied head under
+    `lm_head.weight` where vLLM builds that head untied; see verl/models/families/).
     """
+    weights = _gathered_weights(model, dtype, device)
+    config = getattr(model, "config", None)
+    layout = family_of(config).vllm_weight_layout if config is not None else None
+    yield from layout(config, weights) if layout is not None else weights
+
+
+def _gathered_weights(
+    model: torch.nn.Module, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The actor's parameters (merged with their LoRA adapters, if any) in full, under transformers' names."""
     if any(lora.is_lora_param(name) for name, _ in model.named_parameters()):
         for name, tensor in lora.merged_weights(model):
             yield name, tensor.to(device=device, dtype=dtype)
